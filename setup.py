@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="starflow-diffusers",
+    version="0.1.0",
+    description="STARFlow-V and STARFlow normalizing flows as Hugging Face diffusers components",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["starflow_diffusers", "starflow_diffusers.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "torch>=2.13.0",
+        "diffusers>=0.42.1",
+        "transformers>=5.23.0",
+        "accelerate>=1.15.0",
+        "safetensors>=0.8.0",
+        "pyyaml",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "sentencepiece", "peft>=0.21.2", "compel>=2.5.1"],
+        "train": ["peft>=0.21.2", "tensorboard"],
+        "video": ["opencv-python-headless>=5.0.0.93", "imageio>=2.38.1", "imageio-ffmpeg>=0.8.1"],
+    },
+    entry_points={
+        "console_scripts": [
+            "starflow-convert=starflow_diffusers.conversion.__main__:main",
+        ]
+    },
+)

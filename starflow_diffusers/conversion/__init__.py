@@ -1,0 +1,8 @@
+from .convert_starflow import (
+    ConversionError,
+    convert_original_checkpoint,
+    convert_state_dict,
+    load_original_config,
+    load_original_state_dict,
+    transformer_config_from_original,
+)

@@ -1,0 +1,1 @@
+from .transformer_starflow_v import StarFlowKVCache, StarFlowVTransformer, StarFlowVTransformerOutput

@@ -1,0 +1,697 @@
+# Copyright 2025 The starflow-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""STARFlow / STARFlow-V transformer flow, in diffusers form.
+
+The model is a stack of affine autoregressive flow blocks: several *shallow* blocks followed by one
+*deep* block that also sees the text. Running it data -> noise (`forward`) is one parallel pass and gives
+the exact log-likelihood. Running it noise -> data is an autoregressive solve done by
+`JacobiFlowScheduler` and the pipelines, through three building blocks exposed by every flow block:
+
+* `StarFlowKVCache`: preallocated keys/values of one block, in the model dtype. Keys are stored already
+  rotated, because a key's rotary phase depends only on its cache index.
+* `StarFlowFlowBlock.prefill_text(text, cache, rotary)`: writes the text prefix into the cache once.
+* `StarFlowFlowBlock.evaluate_chunk(inputs, cache, rotary)`: runs a chunk of (shifted) tokens through the
+  block in parallel, attending to everything cached before it, and returns the float32 affine parameters
+  (shift, scale) of the tokens the chunk predicts. Rolling the cache back is `cache.truncate(length)`.
+  A context prefix (image-to-video, long videos) is prefilled by calling it on `[sos, context[:-1]]`.
+
+Token layout: a latent (B, C, T, H, W) is patchified to (B, T, F, D) with F = (H/p)(W/p) tokens per frame
+and D = C p^2 channels per token, channel order (p1, p2, c). Images are videos with T = 1.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionModuleMixin, FeedForward
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput, apply_lora_scale, logging
+
+
+logger = logging.get_logger(__name__)
+
+# softplus(a + INV_SOFTPLUS_ONE) == 1 at a == 0: an untrained block starts as the identity.
+INV_SOFTPLUS_ONE = 0.541324854612918
+# Fixed step size of the learned denoiser at sampling time (x <- x - 0.3 * denoiser(x)).
+DENOISER_STEP = 0.3
+ROPE_THETA = 10000.0
+# Rotary channels (per half head) reserved for the time / text axis.
+ROPE_TIME_CHANNELS = 8
+
+
+@dataclass
+class StarFlowVTransformerOutput(BaseOutput):
+    """
+    Args:
+        sample (`torch.Tensor`): the noise z, in the layout of the input.
+        logdet (`torch.Tensor`): (B,) log|det dz/dx|, summed over every block and element (float32).
+        block_logdets (`tuple` of `torch.Tensor`): one (B,) sum per block, shallow blocks first.
+    """
+
+    sample: torch.Tensor
+    logdet: torch.Tensor
+    block_logdets: Tuple[torch.Tensor, ...]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotary position embedding (3-D: row, column, time/text)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def rope_positions(
+    num_frames: int, height: int, width: int, text_length: int, base_size: int, device=None
+) -> torch.Tensor:
+    """(text_length + num_frames*height*width, 3) positions, text first.
+
+    Grid positions are scaled to `base_size` by the frame's geometric mean side, so other resolutions share
+    the trained frequency range; the third axis is the frame index for tokens and k*base/L for text.
+    """
+    mean_side = math.sqrt(height * width)
+    rows = torch.arange(height, device=device) / mean_side * base_size
+    cols = torch.arange(width, device=device) / mean_side * base_size
+    rows, cols = (p.reshape(-1) for p in torch.meshgrid(rows, cols, indexing="ij"))
+    frame = torch.arange(num_frames, device=device).repeat_interleave(height * width).to(rows.dtype)
+    grid = torch.stack([rows.repeat(num_frames), cols.repeat(num_frames), frame], dim=-1)
+    if text_length == 0:
+        return grid
+    text = torch.zeros(text_length, 3, device=device, dtype=grid.dtype)
+    text[:, 2] = torch.arange(text_length, device=device) / text_length * base_size
+    return torch.cat([text, grid], dim=0)
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (S, head_dim) for interleaved-pair rotation."""
+    half = head_dim // 2
+    spatial = half - ROPE_TIME_CHANNELS
+    device = positions.device
+    spatial_freqs = 1.0 / (ROPE_THETA ** (torch.arange(0, spatial, 2, device=device).float() / spatial))
+    time_freqs = 1.0 / (
+        ROPE_THETA ** (torch.arange(0, ROPE_TIME_CHANNELS, device=device).float() / ROPE_TIME_CHANNELS)
+    )
+    angles = torch.cat(
+        [
+            positions[:, 0:1] * spatial_freqs,
+            positions[:, 1:2] * spatial_freqs,
+            positions[:, 2:3] * time_freqs,
+        ],
+        dim=-1,
+    ).repeat_interleave(2, dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); x is (B, heads, S, E)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------
+
+
+class StarFlowKVCache:
+    """Keys and values of every layer of one flow block, preallocated in the model dtype.
+
+    `length` is the number of valid positions. Layers write at `length` and the block advances it once
+    all its layers have run, so rolling back a chunk is `truncate(old_length)`.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_heads: int,
+        max_length: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: Union[str, torch.device],
+    ):
+        shape = (num_layers, batch_size, num_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() * 2
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache overflow: {end} positions requested, capacity {self.max_length}.")
+        self.keys[layer, :, :, self.length : end] = key
+        self.values[layer, :, :, self.length : end] = value
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, num_positions: int) -> None:
+        self.length += num_positions
+
+    def truncate(self, length: int) -> None:
+        self.length = max(0, min(length, self.length))
+
+    def keep_batch(self, batch_slice: slice) -> None:
+        """Keep a part of the batch, e.g. the conditional half after guidance."""
+        self.keys = self.keys[:, batch_slice]
+        self.values = self.values[:, batch_slice]
+
+
+class StarFlowAttnProcessor:
+    """Scaled dot-product attention with rotary q/k and an optional KV cache."""
+
+    def __call__(
+        self,
+        attn: "StarFlowAttention",
+        hidden_states: torch.Tensor,
+        rotary_emb: Tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        kv_cache: Optional[StarFlowKVCache] = None,
+        layer_index: int = 0,
+    ) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key, value = (t.view(batch, length, attn.heads, -1).transpose(1, 2) for t in (query, key, value))
+
+        start = kv_cache.length if kv_cache is not None else 0
+        cos, sin = rotary_emb
+        cos, sin = cos[start : start + length], sin[start : start + length]
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+
+        is_causal = attn.is_causal and attention_mask is None
+        if kv_cache is not None:
+            key, value = kv_cache.write(layer_index, key, value)
+            if start > 0 and attn.is_causal:
+                # a chunk after a cached prefix: causal inside the chunk, full view of the prefix
+                is_causal = False
+                if length > 1:
+                    attention_mask = torch.ones(length, start + length, dtype=torch.bool, device=query.device)
+                    attention_mask = attention_mask.tril(diagonal=start)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=is_causal)
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        return attn.to_out[0](out)
+
+
+class StarFlowAttention(nn.Module, AttentionModuleMixin):
+    _default_processor_cls = StarFlowAttnProcessor
+    _available_processors = [StarFlowAttnProcessor]
+
+    def __init__(self, dim: int, head_dim: int, is_causal: bool = True, processor=None):
+        super().__init__()
+        self.heads = dim // head_dim
+        self.head_dim = head_dim
+        self.is_causal = is_causal
+        self.use_bias = True
+        self.to_q = nn.Linear(dim, dim, bias=True)
+        self.to_k = nn.Linear(dim, dim, bias=True)
+        self.to_v = nn.Linear(dim, dim, bias=True)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=True)])
+        self.set_processor(processor or self._default_processor_cls())
+
+    def forward(self, hidden_states, rotary_emb, attention_mask=None, kv_cache=None, layer_index=0):
+        return self.processor(self, hidden_states, rotary_emb, attention_mask, kv_cache, layer_index)
+
+
+class StarFlowRMSNorm(nn.Module):
+    """RMSNorm in float32 whose weight is stored as an offset from one (keeps precision in bf16)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1 + self.weight.float())).to(x.dtype)
+
+
+class StarFlowTransformerLayer(nn.Module):
+    """Pre-norm layer: x += attn(LN(x)); x += mlp(LN(x))."""
+
+    def __init__(self, dim: int, head_dim: int, mlp_ratio: float, is_causal: bool = True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = StarFlowAttention(dim, head_dim, is_causal=is_causal)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu", bias=True)
+
+    def forward(self, hidden_states, rotary_emb, attention_mask=None, kv_cache=None, layer_index=0):
+        hidden_states = hidden_states + self.attn(
+            self.norm1(hidden_states), rotary_emb, attention_mask, kv_cache, layer_index
+        )
+        return hidden_states + self.ff(self.norm2(hidden_states))
+
+
+class _LayerStack(nn.Module):
+    """Input/text projections, transformer layers and output norm shared by flow blocks and the denoiser."""
+
+    def __init__(self, in_features, out_features, width, num_layers, head_dim, mlp_ratio, text_dim, is_causal):
+        super().__init__()
+        self.proj_in = nn.Linear(in_features, width)
+        self.text_proj = nn.Linear(text_dim, width) if text_dim > 0 else None
+        self.layers = nn.ModuleList(
+            [StarFlowTransformerLayer(width, head_dim, mlp_ratio, is_causal) for _ in range(num_layers)]
+        )
+        self.norm_out = StarFlowRMSNorm(width)
+        self.proj_out = nn.Linear(width, out_features)
+        self.gradient_checkpointing = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.layers[0].attn.head_dim
+
+    @property
+    def num_heads(self) -> int:
+        return self.layers[0].attn.heads
+
+    def run_layers(self, hidden_states, rotary_emb, attention_mask=None, kv_cache=None):
+        for index, layer in enumerate(self.layers):
+            if torch.is_grad_enabled() and self.gradient_checkpointing and kv_cache is None:
+                hidden_states = self._gradient_checkpointing_func(
+                    layer, hidden_states, rotary_emb, attention_mask
+                )
+            else:
+                hidden_states = layer(hidden_states, rotary_emb, attention_mask, kv_cache, index)
+        if kv_cache is not None:
+            kv_cache.advance(hidden_states.shape[1])
+        return hidden_states
+
+
+class StarFlowFlowBlock(_LayerStack):
+    """One affine autoregressive flow block over a token sequence.
+
+    Position j predicts token j from [sos, u_0 ... u_{j-1}] (u = the block's input after its permutation);
+    z_j = (u_j - shift_j) / scale_j.
+    """
+
+    def __init__(self, in_features, width, num_layers, head_dim, mlp_ratio, text_dim, soft_clip, flip):
+        super().__init__(in_features, 2 * in_features, width, num_layers, head_dim, mlp_ratio, text_dim, True)
+        self.sos_embed = nn.Parameter(torch.zeros(1, 1, in_features))
+        self.soft_clip = soft_clip
+        self.flip = flip
+
+    def permute(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, F, D): reverse the token order inside each frame (an involution), or keep it."""
+        return tokens.flip(2) if self.flip else tokens
+
+    def affine_params(self, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """float32 (shift, scale) from the layers' token outputs."""
+        out = self.proj_out(self.norm_out(hidden_states))
+        if self.soft_clip > 0:
+            out = self.soft_clip * torch.tanh(out / self.soft_clip)
+        log_scale, shift = out.float().chunk(2, dim=-1)
+        return shift, F.softplus(log_scale + INV_SOFTPLUS_ONE)
+
+    def shifted_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[sos, u_0 ... u_{N-2}] for a (B, N, D) sequence in block order."""
+        sos = self.sos_embed.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
+        return torch.cat([sos, tokens[:, :-1]], dim=1)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        rotary_emb: Tuple[torch.Tensor, torch.Tensor],
+        text: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Data -> noise on (B, T, F, D) tokens in natural order; returns z (same layout) and the (B,) logdet."""
+        batch, frames, per_frame, channels = tokens.shape
+        u = self.permute(tokens).reshape(batch, frames * per_frame, channels)
+        hidden_states = self.proj_in(self.shifted_inputs(u))
+        text_length = 0
+        if text is not None:
+            text_length = text.shape[1]
+            hidden_states = torch.cat([self.text_proj(text.to(hidden_states.dtype)), hidden_states], dim=1)
+        hidden_states = self.run_layers(hidden_states, rotary_emb)[:, text_length:]
+        shift, scale = self.affine_params(hidden_states)
+        z = (u.float() - shift) / scale
+        logdet = -torch.log(scale).sum(dim=(1, 2))
+        z = self.permute(z.view(batch, frames, per_frame, channels)).to(tokens.dtype)
+        return z, logdet
+
+    # ---- sampling building blocks ------------------------------------------------------------------
+
+    def init_cache(self, batch_size: int, max_length: int, device=None, dtype=None) -> StarFlowKVCache:
+        weight = self.proj_in.weight
+        return StarFlowKVCache(
+            len(self.layers),
+            batch_size,
+            self.num_heads,
+            max_length,
+            self.head_dim,
+            dtype=dtype or weight.dtype,
+            device=device or weight.device,
+        )
+
+    def prefill_text(self, text: torch.Tensor, cache: StarFlowKVCache, rotary_emb) -> None:
+        hidden_states = self.text_proj(text.to(self.proj_in.weight.dtype))
+        self.run_layers(hidden_states, rotary_emb, kv_cache=cache)
+
+    def evaluate_chunk(
+        self, inputs: torch.Tensor, cache: StarFlowKVCache, rotary_emb
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Run (B, n, D) shifted block-order inputs after the cached prefix; returns float32 (shift, scale)."""
+        hidden_states = self.proj_in(inputs.to(self.proj_in.weight.dtype))
+        hidden_states = self.run_layers(hidden_states, rotary_emb, kv_cache=cache)
+        return self.affine_params(hidden_states)
+
+
+class StarFlowDenoiser(_LayerStack):
+    """Non-causal transformer predicting the (scaled) noise of a noisy latent, used after sampling."""
+
+    def __init__(self, in_features, width, num_layers, head_dim, mlp_ratio, text_dim):
+        super().__init__(in_features, in_features, width, num_layers, head_dim, mlp_ratio, text_dim, False)
+
+    def forward(self, tokens, rotary_emb, text=None, attention_mask=None):
+        batch, frames, per_frame, channels = tokens.shape
+        hidden_states = self.proj_in(tokens.reshape(batch, frames * per_frame, channels))
+        text_length = 0
+        if self.text_proj is not None and text is not None:
+            text_length = text.shape[1]
+            hidden_states = torch.cat([self.text_proj(text.to(hidden_states.dtype)), hidden_states], dim=1)
+        hidden_states = self.run_layers(hidden_states, rotary_emb, attention_mask)[:, text_length:]
+        return self.proj_out(self.norm_out(hidden_states)).view(batch, frames, per_frame, channels)
+
+
+def denoiser_attention_mask(
+    text_length: int, num_frames: int, tokens_per_frame: int, window: int, lookahead: int, device=None
+) -> torch.Tensor:
+    """Banded frame mask of the learned denoiser (True = visible).
+
+    A query in frame f sees all text and frames f + lookahead - window ... f + lookahead; text rows see
+    frames up to `lookahead`.
+    """
+    total = text_length + num_frames * tokens_per_frame
+    index = torch.arange(total, device=device)
+    q, k = index[:, None], index[None, :]
+    frame_q = torch.div(q - text_length, tokens_per_frame, rounding_mode="floor")
+    frame_k = torch.div(k - text_length, tokens_per_frame, rounding_mode="floor")
+    last_q = torch.div((q - text_length).clamp(min=0), tokens_per_frame, rounding_mode="floor")
+    return (k < text_length) | ((frame_k >= frame_q + lookahead - window) & (frame_k <= last_q + lookahead))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------
+
+
+class StarFlowVTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    r"""
+    The STARFlow / STARFlow-V normalizing flow (data -> noise in `forward`).
+
+    Args:
+        in_channels (`int`): latent channels C.
+        patch_size (`int`): spatial patch size p (tokens carry C p^2 channels).
+        num_layers_per_block (`tuple` of `int`): layers of every flow block; all but the last are shallow
+            blocks, the last one is the deep block.
+        shallow_width (`int`), deep_width (`int`): hidden sizes of the shallow blocks (and the denoiser) and
+            of the deep block.
+        attention_head_dim (`int`): channels per attention head.
+        mlp_ratio (`float`): MLP hidden size as a multiple of the width.
+        text_embed_dim (`int`): width of the text-encoder output (only the deep block sees text).
+        max_text_length (`int`): tokens of text conditioning (the tokenizer's padded length).
+        rope_base_size (`int`): grid side the rotary positions are normalised to.
+        output_soft_clip (`float`): s in s*tanh(out/s) on each block's output; 0 disables it.
+        is_video (`bool`): video model (input (B, C, T, H, W), token order reversed inside each frame by
+            alternate blocks, causal in time) or image model (input (B, C, H, W)).
+        shallow_blocks_per_frame (`bool`): shallow blocks see every frame as an independent sequence.
+        denoiser_num_layers (`int`): layers of the learned denoiser; 0 for none.
+        denoiser_text_conditioned (`bool`): whether the denoiser sees the text.
+        denoiser_window (`int`): frames the denoiser looks back (its banded attention).
+        denoiser_lookahead (`int`): future frames the denoiser sees.
+        noise_std (`float`): training noise level sigma; the pipelines noise-augment and denoise with it.
+        trained_latent_frames (`int`, *optional*): length of the training clips in latent frames; longer
+            videos are generated with a sliding window of this length.
+        sample_size (`int`): latent frame side the model was trained at.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["StarFlowTransformerLayer"]
+    _skip_layerwise_casting_patterns = ["sos_embed", "norm"]
+    _keep_in_fp32_modules = None
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 48,
+        patch_size: int = 1,
+        num_layers_per_block: Tuple[int, ...] = (2, 2, 2, 2, 2, 24),
+        shallow_width: int = 3072,
+        deep_width: int = 4096,
+        attention_head_dim: int = 64,
+        mlp_ratio: float = 4.0,
+        text_embed_dim: int = 2048,
+        max_text_length: int = 256,
+        rope_base_size: int = 32,
+        output_soft_clip: float = 4.0,
+        is_video: bool = True,
+        shallow_blocks_per_frame: bool = True,
+        denoiser_num_layers: int = 8,
+        denoiser_text_conditioned: bool = True,
+        denoiser_window: Optional[int] = 10,
+        denoiser_lookahead: int = 1,
+        noise_std: float = 0.5,
+        trained_latent_frames: Optional[int] = 21,
+        sample_size: int = 40,
+    ):
+        super().__init__()
+        if len(num_layers_per_block) < 2 or min(num_layers_per_block) < 1:
+            raise ValueError(
+                f"`num_layers_per_block` needs at least two blocks of at least one layer, got {num_layers_per_block}."
+            )
+        for name, width in (("shallow_width", shallow_width), ("deep_width", deep_width)):
+            if width % attention_head_dim:
+                raise ValueError(f"`{name}` ({width}) must be divisible by `attention_head_dim` ({attention_head_dim}).")
+        if attention_head_dim // 2 <= ROPE_TIME_CHANNELS or (attention_head_dim // 2 - ROPE_TIME_CHANNELS) % 2:
+            raise ValueError(f"`attention_head_dim` must be a multiple of 4 above 16, got {attention_head_dim}.")
+        if text_embed_dim <= 0 or max_text_length <= 0:
+            raise ValueError("STARFlow models are text-conditioned: `text_embed_dim` and `max_text_length` must be > 0.")
+
+        token_dim = in_channels * patch_size**2
+        num_blocks = len(num_layers_per_block)
+        common = dict(head_dim=attention_head_dim, mlp_ratio=mlp_ratio, soft_clip=output_soft_clip)
+        blocks = [
+            # shallow block i uses the flipped order for even i; the deep block is flipped iff K is odd
+            StarFlowFlowBlock(token_dim, shallow_width, layers, text_dim=0, flip=(i % 2 == 0), **common)
+            for i, layers in enumerate(num_layers_per_block[:-1])
+        ]
+        blocks.append(
+            StarFlowFlowBlock(
+                token_dim, deep_width, num_layers_per_block[-1], text_dim=text_embed_dim,
+                flip=(num_blocks % 2 == 1), **common,
+            )
+        )
+        self.blocks = nn.ModuleList(blocks)
+        self.denoiser = None
+        if denoiser_num_layers > 0:
+            self.denoiser = StarFlowDenoiser(
+                token_dim, shallow_width, denoiser_num_layers, attention_head_dim, mlp_ratio,
+                text_dim=text_embed_dim if denoiser_text_conditioned else 0,
+            )
+        self._rotary_cache: Dict[Any, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.gradient_checkpointing = False
+
+    # ---- layout helpers ----------------------------------------------------------------------------
+
+    @property
+    def shallow_blocks(self) -> List[StarFlowFlowBlock]:
+        return list(self.blocks[:-1])
+
+    @property
+    def deep_block(self) -> StarFlowFlowBlock:
+        return self.blocks[-1]
+
+    @property
+    def has_denoiser(self) -> bool:
+        return self.denoiser is not None
+
+    def _check_input(self, hidden_states: torch.Tensor) -> None:
+        expected = 5 if self.config.is_video else 4
+        layout = "(B, C, T, H, W)" if self.config.is_video else "(B, C, H, W)"
+        if hidden_states.ndim != expected:
+            raise ValueError(f"`hidden_states` must be {layout} for this model, got shape {tuple(hidden_states.shape)}.")
+        if hidden_states.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"`hidden_states` has {hidden_states.shape[1]} channels, the model expects {self.config.in_channels}."
+            )
+        p = self.config.patch_size
+        if hidden_states.shape[-1] % p or hidden_states.shape[-2] % p:
+            raise ValueError(f"`hidden_states` height and width must be divisible by patch_size={p}.")
+
+    def _check_text(self, encoder_hidden_states: Optional[torch.Tensor], batch_size: int, required: bool = True):
+        if encoder_hidden_states is None:
+            if required:
+                raise ValueError("`encoder_hidden_states` (B, L, text_embed_dim) is required.")
+            return
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != self.config.text_embed_dim:
+            raise ValueError(
+                f"`encoder_hidden_states` must be (B, L, {self.config.text_embed_dim}), "
+                f"got {tuple(encoder_hidden_states.shape)}."
+            )
+        if encoder_hidden_states.shape[0] != batch_size:
+            raise ValueError(
+                f"`encoder_hidden_states` batch {encoder_hidden_states.shape[0]} != latent batch {batch_size}."
+            )
+
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) or (B, C, H, W) -> (B, T, H/p, W/p, C p^2), channel order (p1, p2, c)."""
+        if latents.ndim == 4:
+            latents = latents.unsqueeze(2)
+        b, c, t, h, w = latents.shape
+        p = self.config.patch_size
+        x = latents.reshape(b, c, t, h // p, p, w // p, p)
+        return x.permute(0, 2, 3, 5, 4, 6, 1).reshape(b, t, h // p, w // p, p * p * c)
+
+    def unpatchify(self, tokens: torch.Tensor, video: Optional[bool] = None) -> torch.Tensor:
+        """Inverse of `patchify`; returns (B, C, T, H, W), or (B, C, H, W) for an image model."""
+        b, t, hp, wp, d = tokens.shape
+        p = self.config.patch_size
+        c = d // (p * p)
+        x = tokens.reshape(b, t, hp, wp, p, p, c).permute(0, 6, 1, 2, 4, 3, 5).reshape(b, c, t, hp * p, wp * p)
+        video = self.config.is_video if video is None else video
+        return x if video else x[:, :, 0]
+
+    def rotary_embedding(
+        self, num_frames: int, height: int, width: int, text_length: int, device=None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Float32 cos/sin tables for a [text, frames] sequence of token grids height x width."""
+        device = torch.device(device) if device is not None else self.device
+        key = (num_frames, height, width, text_length, str(device))
+        if key not in self._rotary_cache:
+            positions = rope_positions(num_frames, height, width, text_length, self.config.rope_base_size, device)
+            self._rotary_cache[key] = rope_angles(positions, self.config.attention_head_dim)
+        return self._rotary_cache[key]
+
+    # ---- data -> noise ------------------------------------------------------------------------------
+
+    def forward_shallow(
+        self, tokens: torch.Tensor, grid: Tuple[int, int]
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Shallow blocks on (B, T, F, D) tokens of an `grid` = (rows, cols) frame; returns the deep block's
+        input and each block's (B,) logdet."""
+        batch, frames, per_frame, channels = tokens.shape
+        side = grid
+        logdets = []
+        for block in self.shallow_blocks:
+            if self.config.shallow_blocks_per_frame:
+                rotary = self.rotary_embedding(1, *side, 0, tokens.device)
+                z, logdet = block(tokens.reshape(batch * frames, 1, per_frame, channels), rotary)
+                tokens, logdet = z.view(batch, frames, per_frame, channels), logdet.view(batch, frames).sum(1)
+            else:
+                tokens, logdet = block(tokens, self.rotary_embedding(frames, *side, 0, tokens.device))
+            logdets.append(logdet)
+        return tokens, logdets
+
+    @apply_lora_scale("attention_kwargs")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_kwargs: Optional[Dict[str, Any]] = None,
+        return_dict: bool = True,
+    ) -> Union[StarFlowVTransformerOutput, Tuple]:
+        """Map data to noise: z = f(x) and log|det df/dx|.
+
+        Args:
+            hidden_states: latents, (B, C, T, H, W) for a video model or (B, C, H, W) for an image model.
+            encoder_hidden_states: (B, L, text_embed_dim) text embeddings, padding already zeroed.
+            attention_kwargs: a `scale` entry scales the PEFT LoRA layers for this call.
+        """
+        self._check_input(hidden_states)
+        self._check_text(encoder_hidden_states, hidden_states.shape[0])
+        tokens = self.patchify(hidden_states)
+        batch, frames, hp, wp, channels = tokens.shape
+        tokens, logdets = self.forward_shallow(tokens.reshape(batch, frames, hp * wp, channels), (hp, wp))
+        rotary = self.rotary_embedding(frames, hp, wp, encoder_hidden_states.shape[1], tokens.device)
+        z, logdet = self.deep_block(tokens, rotary, encoder_hidden_states)
+        logdets.append(logdet)
+        sample = self.unpatchify(z.view(batch, frames, hp, wp, channels))
+        total = torch.stack(logdets, dim=0).sum(0)
+        if not return_dict:
+            return sample, total, tuple(logdets)
+        return StarFlowVTransformerOutput(sample=sample, logdet=total, block_logdets=tuple(logdets))
+
+    # ---- learned denoiser ---------------------------------------------------------------------------
+
+    def denoise(
+        self, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The learned denoiser's prediction for a noisy latent, in the input's layout.
+
+        Sampling applies it as `x - 0.3 * denoise(x)` (see `DENOISER_STEP`).
+        """
+        if self.denoiser is None:
+            raise ValueError(
+                "This model has no learned denoiser (`denoiser_num_layers=0`); use the score-based denoising "
+                "step (`denoise='score'` in the pipelines) instead."
+            )
+        self._check_input(hidden_states)
+        text_required = self.config.denoiser_text_conditioned
+        self._check_text(encoder_hidden_states, hidden_states.shape[0], required=text_required)
+        if not text_required:
+            encoder_hidden_states = None
+        tokens = self.patchify(hidden_states)
+        batch, frames, hp, wp, channels = tokens.shape
+        text_length = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        mask = None
+        if self.config.is_video:
+            mask = denoiser_attention_mask(
+                text_length, frames, hp * wp, self.config.denoiser_window if self.config.denoiser_window else 10**9,
+                self.config.denoiser_lookahead, tokens.device,
+            )
+        rotary = self.rotary_embedding(frames, hp, wp, text_length, tokens.device)
+        out = self.denoiser(tokens.reshape(batch, frames, hp * wp, channels), rotary, encoder_hidden_states, mask)
+        return self.unpatchify(out.view(batch, frames, hp, wp, channels))
+
+    # ---- objectives ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def nll_per_sample(output: StarFlowVTransformerOutput) -> torch.Tensor:
+        """(B,) negative log-likelihood per dimension, without the constant 0.5 log(2 pi):
+        0.5 mean(z^2) - logdet / numel (the training loss of spec section 3 before weighting)."""
+        z = output.sample.float()
+        per_sample = z[0].numel()
+        return 0.5 * z.pow(2).flatten(1).mean(1) - output.logdet / per_sample
+
+    @classmethod
+    def nll_loss(cls, output: StarFlowVTransformerOutput, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Training loss: per-sample NLL (see `nll_per_sample`), times optional (B,) weights, batch mean."""
+        loss = cls.nll_per_sample(output)
+        if weights is not None:
+            loss = loss * weights
+        return loss.mean()
+
+    @classmethod
+    def bits_per_dim(cls, output: StarFlowVTransformerOutput) -> torch.Tensor:
+        """(B,) full Gaussian negative log-likelihood per dimension, in bits."""
+        return (cls.nll_per_sample(output) + 0.5 * math.log(2 * math.pi)) / math.log(2)
+
+    # ---- inference speed ------------------------------------------------------------------------------
+
+    def fuse_projections(self) -> None:
+        """Fuse every attention's q/k/v projections into one matmul (inference only; fuse LoRA first)."""
+        for module in self.modules():
+            if isinstance(module, StarFlowAttention):
+                module.fuse_projections()
+
+    def unfuse_projections(self) -> None:
+        for module in self.modules():
+            if isinstance(module, StarFlowAttention):
+                module.unfuse_projections()
+

@@ -15,15 +15,18 @@ setup(
         "transformers>=5.23.0",
         "accelerate>=1.15.0",
         "safetensors>=0.8.0",
+        "peft>=0.21.2",
+        "opencv-python-headless>=5.0.0.93",
+        "imageio>=2.38.1",
+        "imageio-ffmpeg>=0.8.1",
         "pyyaml",
         "numpy",
         "pillow",
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "sentencepiece", "peft>=0.21.2", "compel>=2.5.1"],
-        "train": ["peft>=0.21.2", "tensorboard"],
-        "video": ["opencv-python-headless>=5.0.0.93", "imageio>=2.38.1", "imageio-ffmpeg>=0.8.1"],
+        "test": ["pytest", "sentencepiece", "compel>=2.5.1"],
+        "train": ["tensorboard"],
     },
     entry_points={
         "console_scripts": [

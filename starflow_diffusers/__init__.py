@@ -2,4 +2,7 @@
 
 __version__ = "0.1.0"
 
+# Every component module is imported here so `from_pretrained` can resolve our classes by name.
 from .models import StarFlowKVCache, StarFlowVTransformer, StarFlowVTransformerOutput
+from .pipelines import StarFlowVPipeline, StarFlowVPipelineOutput
+from .schedulers import JacobiFlowScheduler, JacobiFlowSchedulerOutput

@@ -225,10 +225,18 @@ def check_against_model(converted: Mapping[str, torch.Tensor], model: torch.nn.M
         raise ConversionError("the checkpoint does not match its config: " + " | ".join(problems))
 
 
+def _reason(error: BaseException) -> str:
+    """First line of an exception's message (some, like EOFError from an empty file, have none)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def load_original_state_dict(checkpoint_path: str, mmap: bool = True) -> Dict[str, torch.Tensor]:
     """Load an original `.pth` (weights-only unpickling, memory-mapped) or `.safetensors` state dict."""
     if not os.path.isfile(checkpoint_path):
         raise ConversionError(f"checkpoint file not found: {checkpoint_path}")
+    if os.path.getsize(checkpoint_path) == 0:
+        raise ConversionError(f"checkpoint file is empty: {checkpoint_path}")
     if checkpoint_path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -240,19 +248,31 @@ def load_original_state_dict(checkpoint_path: str, mmap: bool = True) -> Dict[st
     try:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        # The weights-only unpickler reports objects it refuses as "Unsupported global"; anything else it
+        # stumbles on (an unknown opcode) means the bytes are not a pickle at all.
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused is None:
+            detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(e))
+            raise ConversionError(
+                f"{checkpoint_path} is not a readable PyTorch checkpoint: weights-only unpickling failed "
+                f"({detail.group(1) if detail else _reason(e)})"
+            ) from e
         raise ConversionError(
-            f"{checkpoint_path} holds more than tensors (weights-only loading refused it; arbitrary pickles are "
-            f"never executed): {str(e).splitlines()[0]}"
+            f"{checkpoint_path} holds objects other than tensors ({refused.group(1)}); only weights-only "
+            "checkpoints are converted, arbitrary pickles are never executed."
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         if mmap and "mmap" in str(e):
             return load_original_state_dict(checkpoint_path, mmap=False)
-        raise ConversionError(f"{checkpoint_path} is not a readable PyTorch checkpoint: {str(e).splitlines()[0]}") from e
+        raise ConversionError(f"{checkpoint_path} is not a readable PyTorch checkpoint: {_reason(e)}") from e
     for nested in ("model", "state_dict"):
         if isinstance(state, dict) and nested in state and isinstance(state[nested], dict):
             state = state[nested]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConversionError(f"{checkpoint_path} does not contain a state dict of tensors.")
+    if not isinstance(state, dict):
+        raise ConversionError(f"{checkpoint_path} holds a {type(state).__name__}, not a state dict of tensors.")
+    not_tensors = sorted(f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise ConversionError(f"{checkpoint_path} does not contain a state dict of tensors: {', '.join(not_tensors)}")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -267,6 +287,22 @@ def build_empty_model(config: Mapping[str, Any]) -> StarFlowVTransformer:
         return StarFlowVTransformer(**config)
 
 
+def load_and_convert_original(
+    checkpoint_path: str, config_path: str
+) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """Read an original checkpoint and YAML; return the `StarFlowVTransformer` config and the renamed state dict.
+
+    The state dict is checked against a meta-device model of that config (every key and shape), and its
+    tensors are still views of the memory-mapped checkpoint: nothing is copied yet.
+    """
+    args = load_original_config(config_path)
+    state = load_original_state_dict(checkpoint_path)
+    config = transformer_config_from_original(args, text_width_from_state_dict(state, int(args["blocks"])))
+    converted = convert_state_dict(state)
+    check_against_model(converted, build_empty_model(config))
+    return config, converted
+
+
 def convert_original_checkpoint(
     checkpoint_path: str, config_path: str, torch_dtype: Optional[torch.dtype] = None
 ) -> StarFlowVTransformer:
@@ -275,12 +311,8 @@ def convert_original_checkpoint(
     The checkpoint is memory-mapped and its tensors are assigned into a meta-initialised model, so peak
     memory stays near one copy of the weights.
     """
-    args = load_original_config(config_path)
-    state = load_original_state_dict(checkpoint_path)
-    config = transformer_config_from_original(args, text_width_from_state_dict(state, int(args["blocks"])))
-    converted = convert_state_dict(state)
+    config, converted = load_and_convert_original(checkpoint_path, config_path)
     model = build_empty_model(config)
-    check_against_model(converted, model)
     if torch_dtype is not None:
         converted = {k: v.to(torch_dtype) for k, v in converted.items()}
     model.load_state_dict(converted, strict=True, assign=True)

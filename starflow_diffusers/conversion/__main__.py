@@ -1,0 +1,86 @@
+# Copyright 2025 The starflow-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""`starflow-convert`: original STARFlow / STARFlow-V checkpoint + YAML -> diffusers model folder.
+
+    starflow-convert --checkpoint starflow-v_7B_t2v_caus_480p.pth \
+        --config starflow-v_7B_t2v_caus_480p.yaml --output starflow-v-7b/transformer --dtype bf16
+
+Also runnable as `python -m starflow_diffusers.conversion`.
+"""
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .convert_starflow import ConversionError
+from .writer import DEFAULT_MAX_SHARD_SIZE, DTYPES, convert_checkpoint_to_folder, parse_size
+
+
+PROG = "starflow-convert"
+# Exit codes: argparse already uses 2 for bad arguments; a checkpoint that cannot be converted is the same
+# kind of user error.
+EXIT_USER_ERROR = 2
+EXIT_OS_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _shard_size(value: str) -> str:
+    try:
+        parse_size(value)
+    except ConversionError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Convert an original STARFlow / STARFlow-V checkpoint and its training YAML into a folder "
+        "loadable with StarFlowVTransformer.from_pretrained.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="original state dict (.pth, or .safetensors)")
+    parser.add_argument("--config", required=True, help="original YAML with its `arguments:` list")
+    parser.add_argument("--output", required=True, help="folder to write (config.json + safetensors)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights (default: fp32)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    parser.add_argument(
+        "--max-shard-size",
+        type=_shard_size,
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"largest safetensors file, e.g. 5GB, 500MB (decimal units; default: {DEFAULT_MAX_SHARD_SIZE})",
+    )
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = convert_checkpoint_to_folder(
+            args.checkpoint,
+            args.config,
+            args.output,
+            torch_dtype=DTYPES[args.dtype],
+            overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size,
+        )
+    except ConversionError as e:
+        return _fail(str(e), EXIT_USER_ERROR)
+    except OSError as e:
+        return _fail(f"could not read or write files: {e}", EXIT_OS_ERROR)
+    except KeyboardInterrupt:
+        return _fail(f"interrupted; {args.output} was left as it was", EXIT_INTERRUPTED)
+    print(
+        f"wrote {summary['num_tensors']} tensors ({summary['total_size'] / 1e9:.2f} GB, {args.dtype}) in "
+        f"{len(summary['files'])} file(s) to {args.output}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

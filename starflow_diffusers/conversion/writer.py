@@ -1,0 +1,190 @@
+# Copyright 2025 The starflow-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""Write converted weights as diffusers model folders, one shard in memory at a time, never half-written.
+
+`staged_output_directory` gives a fresh directory next to the target and moves it into place only once
+everything in it is complete; `write_transformer_folder` fills a (sub)folder with `config.json` and sharded
+safetensors. A full pipeline folder is several such writes inside one staged directory.
+"""
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import uuid
+from typing import Any, Dict, Iterator, List, Mapping, Union
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from diffusers.utils.constants import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
+
+from .convert_starflow import ConversionError, build_empty_model, check_against_model, load_and_convert_original
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+# Decimal units, as in `ModelMixin.save_pretrained(max_shard_size=...)`.
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes from an int or a string such as "5GB", "500MB", "64KB" or "1000" (decimal units)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = _SIZE_PATTERN.match(str(size))
+        if match is None:
+            raise ConversionError(
+                f"max_shard_size must be a number of bytes or a size with a unit (B, KB, MB, GB, TB), e.g. "
+                f"'5GB'; got {size!r}."
+            )
+        value = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()])
+    if value <= 0:
+        raise ConversionError(f"max_shard_size must be positive, got {size!r}.")
+    return value
+
+
+def _output_nbytes(tensor: torch.Tensor, torch_dtype: torch.dtype) -> int:
+    itemsize = torch_dtype.itemsize if tensor.is_floating_point() else tensor.element_size()
+    return tensor.numel() * itemsize
+
+
+def plan_shards(
+    tensors: Mapping[str, torch.Tensor], torch_dtype: torch.dtype, max_shard_bytes: int
+) -> List[List[str]]:
+    """Group keys, in order, into shards of at most `max_shard_bytes` (a larger tensor gets a shard of its own)."""
+    shards: List[List[str]] = [[]]
+    shard_bytes = 0
+    for key, tensor in tensors.items():
+        nbytes = _output_nbytes(tensor, torch_dtype)
+        if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(key)
+        shard_bytes += nbytes
+    return shards
+
+
+def shard_file_names(num_shards: int) -> List[str]:
+    """diffusers' names: one file, or `diffusion_pytorch_model-0000i-of-0000n.safetensors`."""
+    if num_shards == 1:
+        return [SAFETENSORS_WEIGHTS_NAME]
+    stem = SAFETENSORS_WEIGHTS_NAME.removesuffix(".safetensors")
+    return [f"{stem}-{i:05d}-of-{num_shards:05d}.safetensors" for i in range(1, num_shards + 1)]
+
+
+def save_shard(tensors: Dict[str, torch.Tensor], path: str) -> None:
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def write_transformer_folder(
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    directory: str,
+    torch_dtype: torch.dtype = torch.float32,
+    max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+) -> Dict[str, Any]:
+    """Write `config.json` and the weights of a `StarFlowVTransformer` into `directory` (created if needed).
+
+    `state_dict` is in this package's names (see `convert_state_dict`); its tensors may be views of a
+    memory-mapped checkpoint. Only one shard's tensors are materialised at a time, so the memory on top of
+    the (reclaimable) mapped checkpoint is at most one shard. Returns a summary: files, tensors, bytes.
+    """
+    max_shard_bytes = parse_size(max_shard_size)
+    model = build_empty_model(config)
+    check_against_model(state_dict, model)
+    # model order keeps each layer's tensors together in one shard where possible
+    ordered = {key: state_dict[key] for key in model.state_dict()}
+    shards = plan_shards(ordered, torch_dtype, max_shard_bytes)
+    names = shard_file_names(len(shards))
+
+    os.makedirs(directory, exist_ok=True)
+    weight_map = {}
+    total_size = 0
+    for keys, name in zip(tqdm(shards, desc="writing shards", unit="shard", disable=None), names):
+        # `.to` is a no-op for tensors already in the target dtype: those are written straight from the
+        # mapped checkpoint. Views of one tensor (the split qkv) do not overlap, which safetensors accepts.
+        shard = {}
+        for key in keys:
+            tensor = ordered[key]
+            shard[key] = (tensor.to(torch_dtype) if tensor.is_floating_point() else tensor).contiguous()
+        save_shard(shard, os.path.join(directory, name))
+        total_size += sum(t.numel() * t.element_size() for t in shard.values())
+        weight_map.update(dict.fromkeys(keys, name))
+        del shard
+
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        with open(os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME), "w", encoding="utf-8") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    model.save_config(directory)
+    return {"files": names, "num_tensors": len(ordered), "total_size": total_size}
+
+
+def check_output_directory(output_dir: str, overwrite: bool = False) -> None:
+    """Refuse to replace an existing file, or a non-empty directory unless `overwrite`."""
+    if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+        raise ConversionError(f"output path {output_dir} exists and is not a directory.")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise ConversionError(
+            f"output directory {output_dir} already exists and is not empty; pass --overwrite to replace it."
+        )
+
+
+@contextlib.contextmanager
+def staged_output_directory(output_dir: str, overwrite: bool = False) -> Iterator[str]:
+    """Yield an empty staging directory beside `output_dir`; on success it replaces `output_dir`.
+
+    Staging on the same filesystem makes the final step a rename. An existing output is moved aside, the
+    new one moved in, and only then the old one deleted. On any error or interrupt the staging directory is
+    removed and an existing output is left as it was.
+    """
+    output_dir = os.path.abspath(output_dir)
+    check_output_directory(output_dir, overwrite)
+    parent, name = os.path.split(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+    os.mkdir(staging)
+    try:
+        yield staging
+        check_output_directory(output_dir, overwrite)
+        _move_into_place(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(staging: str, output_dir: str) -> None:
+    if not os.path.isdir(output_dir):
+        os.rename(staging, output_dir)
+        return
+    old = f"{staging}.old"
+    os.rename(output_dir, old)
+    try:
+        os.rename(staging, output_dir)
+    except BaseException:
+        os.rename(old, output_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def convert_checkpoint_to_folder(
+    checkpoint_path: str,
+    config_path: str,
+    output_dir: str,
+    torch_dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+) -> Dict[str, Any]:
+    """Convert an original checkpoint + YAML into a folder loadable by `StarFlowVTransformer.from_pretrained`.
+
+    Everything is validated (arguments, output directory, checkpoint keys and shapes) before anything is
+    written. Returns the summary of `write_transformer_folder`.
+    """
+    parse_size(max_shard_size)
+    check_output_directory(output_dir, overwrite)
+    config, state_dict = load_and_convert_original(checkpoint_path, config_path)
+    with staged_output_directory(output_dir, overwrite) as staging:
+        return write_transformer_folder(state_dict, config, staging, torch_dtype, max_shard_size)

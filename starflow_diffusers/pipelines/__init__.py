@@ -1,0 +1,1 @@
+from .pipeline_starflow_v import StarFlowVPipeline, StarFlowVPipelineOutput

@@ -1,0 +1,646 @@
+# Copyright 2025 The starflow-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""Text-to-video with STARFlow-V: invert the flow from Gaussian noise, block by block.
+
+The deep block is solved first, with classifier-free guidance and a KV cache that holds the text prefix;
+the shallow blocks are then inverted without guidance (per frame for released models). The result is
+optionally denoised (learned denoiser or one score step) and decoded by the Wan VAE.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+
+from ..models.transformer_starflow_v import DENOISER_STEP, StarFlowFlowBlock, StarFlowVTransformer
+from ..schedulers.scheduling_jacobi_flow import FlowChunk, JacobiFlowScheduler
+
+
+logger = logging.get_logger(__name__)
+
+# Aspect-ratio strings the released models were trained with (spec section 6).
+TRAINED_ASPECT_RATIOS = ("1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21")
+DENOISE_MODES = ("auto", "learned", "score", "none")
+OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers.utils import export_to_video
+        >>> from starflow_diffusers import StarFlowVPipeline
+
+        >>> pipe = StarFlowVPipeline.from_pretrained("path/to/starflow-v-7b", torch_dtype=torch.bfloat16).to("cuda")
+        >>> video = pipe("a corgi running on the beach at sunset", guidance_scale=4.5).frames[0]
+        >>> export_to_video(video, "corgi.mp4", fps=16)
+        ```
+"""
+
+
+@dataclass
+class StarFlowVPipelineOutput(BaseOutput):
+    """
+    Args:
+        frames: (B, T, H, W, 3) np array or list of PIL frame lists in [0, 1], a (B, T, 3, H, W) tensor
+            for `output_type="pt"`, or the (B, C, T, H, W) latents for `output_type="latent"`.
+    """
+
+    frames: Union[torch.Tensor, np.ndarray, List[List[Any]]]
+
+
+def parse_aspect_ratio(aspect_ratio: str) -> float:
+    """"16:9" -> 16/9 (width over height)."""
+    try:
+        w, h = (float(v) for v in str(aspect_ratio).split(":"))
+        if w <= 0 or h <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"`aspect_ratio` must look like 'W:H' with positive numbers (e.g. '16:9'), got {aspect_ratio!r}.")
+    return w / h
+
+
+def closest_trained_aspect_ratio(width: int, height: int) -> str:
+    ratio = math.log(width / height)
+    return min(TRAINED_ASPECT_RATIOS, key=lambda r: abs(math.log(parse_aspect_ratio(r)) - ratio))
+
+
+def frame_size_for_aspect_ratio(aspect_ratio: str, base_size: int, multiple: int) -> Tuple[int, int]:
+    """(height, width) with area base_size^2 and width/height = aspect_ratio, rounded to `multiple`."""
+    r = parse_aspect_ratio(aspect_ratio)
+    height = int(round(math.sqrt(base_size**2 / r) / multiple)) * multiple
+    width = int(round(math.sqrt(base_size**2 * r) / multiple)) * multiple
+    return max(height, multiple), max(width, multiple)
+
+
+class StarFlowVPipeline(DiffusionPipeline):
+    r"""
+    Text-to-video generation with STARFlow-V.
+
+    Args:
+        transformer ([`StarFlowVTransformer`]): the flow (a video configuration).
+        scheduler ([`JacobiFlowScheduler`]): the inversion solver.
+        tokenizer (`T5TokenizerFast`, *optional*), text_encoder (`T5EncoderModel`, *optional*): the text
+            encoder (FLAN-T5-XL for the released model); optional when `prompt_embeds` are passed.
+        vae ([`AutoencoderKLWan`], *optional*): the Wan2.2 VAE; None for a model trained in pixel space.
+        fps_conditioning (`bool`): the prompt template states the fps ("A video with 16 fps:").
+        noise_level_conditioning (`bool`): the template states the training noise level.
+        aspect_ratio_conditioning (`bool`): the template states the aspect ratio.
+        default_aspect_ratio (`str`): aspect ratio when neither it nor height/width are given.
+        base_frame_size (`int`): side, in pixels, of the square with the trained frame area.
+        latent_temporal_scale (`float`): latent frames after the first are multiplied by this after VAE
+            normalisation (0.6 for the released model).
+        max_text_length (`int`, *optional*): tokenizer padding length; None uses the transformer's.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["tokenizer", "text_encoder", "vae"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        transformer: StarFlowVTransformer,
+        scheduler: JacobiFlowScheduler,
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        fps_conditioning: bool = True,
+        noise_level_conditioning: bool = True,
+        aspect_ratio_conditioning: bool = True,
+        default_aspect_ratio: str = "16:9",
+        base_frame_size: Optional[int] = None,
+        latent_temporal_scale: float = 0.6,
+        max_text_length: Optional[int] = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            transformer=transformer, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae
+        )
+        parse_aspect_ratio(default_aspect_ratio)
+        self.register_to_config(
+            fps_conditioning=fps_conditioning,
+            noise_level_conditioning=noise_level_conditioning,
+            aspect_ratio_conditioning=aspect_ratio_conditioning,
+            default_aspect_ratio=default_aspect_ratio,
+            base_frame_size=base_frame_size,
+            latent_temporal_scale=latent_temporal_scale,
+            max_text_length=max_text_length,
+        )
+        self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 1
+        self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 1
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    # ---- properties diffusers users rely on ----------------------------------------------------------
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1
+
+    @property
+    def attention_kwargs(self) -> Optional[Dict[str, Any]]:
+        return self._attention_kwargs
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @property
+    def noise_std(self) -> float:
+        return float(self.transformer.config.noise_std)
+
+    @property
+    def spatial_multiple(self) -> int:
+        """Pixel sizes must be multiples of this (VAE factor x patch size)."""
+        return self.vae_scale_factor_spatial * self.transformer.config.patch_size
+
+    @property
+    def default_base_frame_size(self) -> int:
+        return self.config.base_frame_size or self.transformer.config.sample_size * self.spatial_multiple
+
+    @property
+    def text_length(self) -> int:
+        return self.config.max_text_length or self.transformer.config.max_text_length
+
+    # ---- text ------------------------------------------------------------------------------------------
+
+    def apply_prompt_template(self, prompts: List[str], fps: int, aspect_ratio: Optional[str]) -> List[str]:
+        """The conditioning template of the released models (spec section 6), in its order."""
+        out = []
+        for text in prompts:
+            if self.config.fps_conditioning:
+                text = f"A video with {fps} fps:\n{text}\n" if fps > 0 else f"An image:\n{text}\n"
+            if self.config.noise_level_conditioning:
+                text = f"Noise Level {int(self.noise_std * 1000)}:\n{text}"
+            if self.config.aspect_ratio_conditioning and aspect_ratio is not None:
+                text = f"{text}\n in a {aspect_ratio} aspect ratio.\n"
+            out.append(text)
+        return out
+
+    def _encode_text(self, texts: List[str], max_sequence_length: int, device) -> torch.Tensor:
+        if self.tokenizer is None or self.text_encoder is None:
+            raise ValueError("This pipeline has no `tokenizer`/`text_encoder`; pass `prompt_embeds` instead of `prompt`.")
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+        )
+        input_ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        # padding positions are zeroed, as the model was trained
+        return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+
+    def encode_prompt(
+        self,
+        prompt: Union[str, List[str], None],
+        negative_prompt: Union[str, List[str], None] = None,
+        do_classifier_free_guidance: bool = True,
+        num_videos_per_prompt: int = 1,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        fps: int = 16,
+        aspect_ratio: Optional[str] = None,
+        max_sequence_length: Optional[int] = None,
+        device: Optional[torch.device] = None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Templated, encoded and masked prompt embeddings (B * num_videos_per_prompt, L, D).
+
+        `prompt_embeds`/`negative_prompt_embeds` are used as given (no template), e.g. from compel.
+        """
+        device = device or self._execution_device
+        length = max_sequence_length or self.text_length
+        if prompt_embeds is None:
+            prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = self._encode_text(self.apply_prompt_template(prompt, fps, aspect_ratio), length, device)
+        batch = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negative_prompt = negative_prompt if negative_prompt is not None else ""
+            negative_prompt = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negative_prompt) != batch:
+                raise ValueError(
+                    f"`negative_prompt` has {len(negative_prompt)} entries but there are {batch} prompts."
+                )
+            negative_prompt_embeds = self._encode_text(
+                self.apply_prompt_template(negative_prompt, fps, aspect_ratio), prompt_embeds.shape[1], device
+            )
+        dtype = self.transformer.dtype
+        prompt_embeds = prompt_embeds.to(device, dtype).repeat_interleave(num_videos_per_prompt, dim=0)
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_embeds.to(device, dtype).repeat_interleave(num_videos_per_prompt, 0)
+        else:
+            negative_prompt_embeds = None
+        return prompt_embeds, negative_prompt_embeds
+
+    # ---- checks -----------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        height,
+        width,
+        num_frames,
+        guidance_scale,
+        num_videos_per_prompt,
+        latents,
+        prompt_embeds,
+        negative_prompt_embeds,
+        denoise,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ):
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Provide either `prompt` or `prompt_embeds`.")
+        if prompt is not None:
+            if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt)):
+                raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+            if isinstance(prompt, list) and len(prompt) == 0:
+                raise ValueError("`prompt` is an empty list; pass at least one prompt.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
+            raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt).__name__}.")
+        text_dim = self.transformer.config.text_embed_dim
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None and (embeds.ndim != 3 or embeds.shape[-1] != text_dim or embeds.shape[1] < 1):
+                raise ValueError(f"`{name}` must be (batch, text_length, {text_dim}), got {tuple(embeds.shape)}.")
+        if prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(
+                f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
+                f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
+            )
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 1:
+            raise ValueError(f"`guidance_scale` must be >= 1 (1 disables guidance), got {guidance_scale!r}.")
+        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+            raise ValueError(f"`num_videos_per_prompt` must be a positive integer, got {num_videos_per_prompt!r}.")
+        for name, value in (("height", height), ("width", width), ("num_frames", num_frames)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if denoise not in DENOISE_MODES:
+            raise ValueError(f"`denoise` must be one of {DENOISE_MODES}, got {denoise!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if output_type != "latent" and self.vae is None and self.transformer.config.in_channels != 3:
+            raise ValueError("This pipeline has no VAE and its latents are not RGB; use `output_type='latent'`.")
+        if latents is not None and (latents.ndim != 5 or latents.shape[1] != self.transformer.config.in_channels):
+            raise ValueError(
+                f"`latents` must be (batch, {self.transformer.config.in_channels}, frames, height, width), "
+                f"got {tuple(latents.shape)}."
+            )
+        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` entries {unknown} are not in {self._callback_tensor_inputs}.")
+
+    def resolve_video_size(
+        self, height: Optional[int], width: Optional[int], num_frames: Optional[int], aspect_ratio: Optional[str],
+        latents: Optional[torch.Tensor],
+    ) -> Tuple[int, int, int, str]:
+        """Pixel (height, width, num_frames) and the aspect-ratio string, rounded to valid values."""
+        spatial, temporal = self.spatial_multiple, self.vae_scale_factor_temporal
+        if latents is not None:
+            t, h, w = latents.shape[2:]
+            p = self.transformer.config.patch_size
+            if h % p or w % p:
+                raise ValueError(f"`latents` height and width must be divisible by patch_size={p}, got {h}x{w}.")
+            height = height or h * self.vae_scale_factor_spatial
+            width = width or w * self.vae_scale_factor_spatial
+            num_frames = num_frames or (t - 1) * temporal + 1
+        if height is None or width is None:
+            ratio = aspect_ratio or self.config.default_aspect_ratio
+            default_h, default_w = frame_size_for_aspect_ratio(ratio, self.default_base_frame_size, spatial)
+            height, width = height or default_h, width or default_w
+        for name, value in (("height", height), ("width", width)):
+            if value < spatial:
+                raise ValueError(f"`{name}`={value} is smaller than one latent cell ({spatial} pixels).")
+        if height % spatial or width % spatial:
+            new_h, new_w = height // spatial * spatial, width // spatial * spatial
+            logger.warning(f"`height` and `width` must be multiples of {spatial}; using {new_h}x{new_w} instead of {height}x{width}.")
+            height, width = new_h, new_w
+        if num_frames is None:
+            trained = self.transformer.config.trained_latent_frames or 1
+            num_frames = (trained - 1) * temporal + 1
+        if (num_frames - 1) % temporal:
+            rounded = (num_frames - 1) // temporal * temporal + 1
+            logger.warning(f"`num_frames` must be {temporal}k+1; using {rounded} instead of {num_frames}.")
+            num_frames = rounded
+        if aspect_ratio is None:
+            aspect_ratio = closest_trained_aspect_ratio(width, height)
+        else:
+            parse_aspect_ratio(aspect_ratio)
+        if latents is not None:
+            expected = ((num_frames - 1) // temporal + 1, height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
+            if tuple(latents.shape[2:]) != expected:
+                raise ValueError(
+                    f"`latents` has (frames, height, width) {tuple(latents.shape[2:])} but num_frames={num_frames}, "
+                    f"height={height}, width={width} need {expected}."
+                )
+        return height, width, num_frames, aspect_ratio
+
+    # ---- latents ------------------------------------------------------------------------------------------
+
+    def prepare_latents(self, batch_size, num_latent_frames, latent_height, latent_width, device, generator, latents):
+        """The Gaussian noise z to invert, float32 (B, C, T, H, W)."""
+        shape = (batch_size, self.transformer.config.in_channels, num_latent_frames, latent_height, latent_width)
+        if latents is not None:
+            if latents.shape != shape:
+                raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+            return latents.to(device=device, dtype=torch.float32)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"`generator` is a list of {len(generator)} but the batch is {batch_size}.")
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+    def _vae_stats(self, latents: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, -1, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean, device=latents.device, dtype=latents.dtype).view(shape)
+        std = torch.tensor(self.vae.config.latents_std, device=latents.device, dtype=latents.dtype).view(shape)
+        return mean, std
+
+    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> model space: per-channel normalisation, then frames 1.. scaled (spec section 7)."""
+        if self.vae is None:
+            return latents
+        mean, std = self._vae_stats(latents)
+        latents = (latents - mean) / std
+        return torch.cat([latents[:, :, :1], latents[:, :, 1:] * self.config.latent_temporal_scale], dim=2)
+
+    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latents
+        latents = torch.cat([latents[:, :, :1], latents[:, :, 1:] / self.config.latent_temporal_scale], dim=2)
+        mean, std = self._vae_stats(latents)
+        return latents * std + mean
+
+    # ---- the flow inversion ---------------------------------------------------------------------------------
+
+    def _to_block_tokens(self, latents: torch.Tensor, block: StarFlowFlowBlock) -> torch.Tensor:
+        """(B, C, T, H, W) -> float32 (B, T*F, D) tokens in `block`'s order."""
+        tokens = self.transformer.patchify(latents).float()
+        b, t, hp, wp, d = tokens.shape
+        return block.permute(tokens.reshape(b, t, hp * wp, d)).reshape(b, t * hp * wp, d)
+
+    def _from_block_tokens(self, tokens: torch.Tensor, block: StarFlowFlowBlock, grid) -> torch.Tensor:
+        b, t, hp, wp = grid
+        tokens = block.permute(tokens.reshape(b, t, hp * wp, -1))
+        return self.transformer.unpatchify(tokens.reshape(b, t, hp, wp, -1), video=True)
+
+    def solve_chunk(
+        self,
+        block: StarFlowFlowBlock,
+        chunk: FlowChunk,
+        state: torch.Tensor,
+        noise: torch.Tensor,
+        cache,
+        rotary,
+        guidance_weight: float = 0.0,
+        cfg_batch: bool = False,
+    ) -> None:
+        """Fixed-point iterations of one chunk; `state` is updated in place."""
+        for iteration in range(self.scheduler.iterations_per_chunk):
+            inputs = self.scheduler.chunk_inputs(state, block.sos_embed, chunk, iteration)
+            if cfg_batch:
+                inputs = torch.cat([inputs, inputs])
+            length = cache.length
+            params = block.evaluate_chunk(inputs, cache, rotary)
+            if self.scheduler.step(params, chunk, state, noise, iteration, guidance_weight).converged:
+                return
+            cache.truncate(length)
+
+    def invert_shallow_blocks(self, tokens: torch.Tensor, grid) -> torch.Tensor:
+        """Invert shallow blocks K-2 ... 0 (no text, no guidance); tokens are (B, T, F, D) float32."""
+        b, t, hp, wp = grid
+        per_frame = self.transformer.config.shallow_blocks_per_frame
+        frames = 1 if per_frame else t
+        chunks = self.scheduler.plan(hp * wp, frames)
+        rotary = self.transformer.rotary_embedding(frames, hp, wp, 0, tokens.device)
+        for block in reversed(self.transformer.shallow_blocks):
+            seqs = block.permute(tokens).reshape(b * t // frames, frames * hp * wp, -1)
+            noise, state = seqs, seqs.clone()
+            cache = block.init_cache(state.shape[0], frames * hp * wp, device=tokens.device)
+            for chunk in chunks:
+                self.solve_chunk(block, chunk, state, noise, cache, rotary)
+            tokens = block.permute(state.reshape(b, t, hp * wp, -1))
+        return tokens
+
+    def denoise_latents(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, mode: str) -> torch.Tensor:
+        """Remove the training noise from sampled latents, in windows along time (spec section 4)."""
+        if mode == "none":
+            return latents
+        window = self.scheduler.window_frames or latents.shape[2]
+        overlap = min(self.transformer.config.denoiser_window or (window - 1), window - 1)
+        out, start, written = latents.clone(), 0, 0
+        while written < latents.shape[2]:
+            chunk = out[:, :, start : start + window]
+            chunk = self._denoise_chunk(chunk, prompt_embeds, mode)
+            out[:, :, written : start + window] = chunk[:, :, written - start :]
+            written = min(start + window, latents.shape[2])
+            start += window - overlap
+        return out
+
+    def _denoise_chunk(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, mode: str) -> torch.Tensor:
+        dtype = self.transformer.dtype
+        if mode == "learned":
+            prediction = self.transformer.denoise(latents.to(dtype), prompt_embeds)
+            return latents - DENOISER_STEP * prediction.float()
+        # one step along the model's score: x - sigma^2 * numel * grad(loss)
+        with torch.enable_grad():
+            x = latents.to(dtype).detach().requires_grad_(True)
+            loss = self.transformer.nll_loss(self.transformer(x, prompt_embeds))
+            (grad,) = torch.autograd.grad(loss, x)
+        return latents - self.noise_std**2 * latents.numel() * grad.float()
+
+    # ---- call -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, List[str], None] = None,
+        negative_prompt: Union[str, List[str], None] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_frames: Optional[int] = None,
+        fps: int = 16,
+        aspect_ratio: Optional[str] = None,
+        guidance_scale: float = 4.5,
+        num_videos_per_prompt: int = 1,
+        generator: Union[torch.Generator, List[torch.Generator], None] = None,
+        latents: Optional[torch.Tensor] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        denoise: str = "auto",
+        output_type: str = "np",
+        return_dict: bool = True,
+        attention_kwargs: Optional[Dict[str, Any]] = None,
+        callback_on_step_end: Optional[Union[Callable, PipelineCallback, MultiPipelineCallbacks]] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+        max_sequence_length: Optional[int] = None,
+    ):
+        r"""
+        Generate videos.
+
+        Args:
+            prompt (`str` or `List[str]`): what to generate.
+            negative_prompt (`str` or `List[str]`, *optional*): the unconditional prompt of guidance ("").
+            height, width (`int`, *optional*): pixel size, multiples of `pipe.spatial_multiple` (rounded down
+                with a warning); default from `aspect_ratio` and the trained frame area.
+            num_frames (`int`, *optional*): pixel frames, 4k+1 with the Wan VAE (rounded with a warning);
+                default: the trained clip length. More latent frames than the scheduler's local window are
+                generated with a sliding window automatically.
+            fps (`int`): frame rate named in the prompt template (the model is fps-conditioned).
+            aspect_ratio (`str`, *optional*): e.g. "16:9"; named in the prompt template. Default: the trained
+                ratio closest to width/height.
+            guidance_scale (`float`): diffusers convention: guidance is on when > 1, with flow-guidance
+                weight w = guidance_scale - 1 (the original code's `--cfg`; 4.5 here is `--cfg 3.5`).
+            latents (`torch.Tensor`, *optional*): the Gaussian noise z (B, C, T, H, W) to invert.
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor`, *optional*): (B, L, text_dim) embeddings
+                used verbatim (no template), e.g. weighted prompts from compel.
+            denoise (`str`): "auto" (learned denoiser if the model has one, else "score"), "learned",
+                "score" (one step along the flow's own score) or "none".
+            output_type (`str`): "np", "pil", "pt" or "latent" (the model-space latents before the VAE).
+            attention_kwargs (`dict`, *optional*): `{"scale": s}` scales loaded LoRA adapters.
+            callback_on_step_end (`Callable`, *optional*): called after every solved chunk of the deep block
+                as `callback(pipe, index, chunk_start, {"latents": ...})`; may return new `latents` (the
+                deep block's current (B, C, T, H, W) state) or embeddings.
+            max_sequence_length (`int`, *optional*): text tokens; default the model's trained length.
+
+        Examples:
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(
+            prompt, negative_prompt, height, width, num_frames, guidance_scale, num_videos_per_prompt, latents,
+            prompt_embeds, negative_prompt_embeds, denoise, output_type, callback_on_step_end_tensor_inputs,
+        )
+        if not self.transformer.config.is_video:
+            raise ValueError("`transformer` is an image model; use `StarFlowPipeline` for text-to-image.")
+        if denoise == "auto":
+            denoise = "learned" if self.transformer.has_denoiser else "score"
+        if denoise == "learned" and not self.transformer.has_denoiser:
+            raise ValueError("`denoise='learned'` needs a model with a learned denoiser; use 'score' or 'none'.")
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._interrupt = False
+        device = self._execution_device
+
+        height, width, num_frames, aspect_ratio = self.resolve_video_size(height, width, num_frames, aspect_ratio, latents)
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, negative_prompt, self.do_classifier_free_guidance, num_videos_per_prompt, prompt_embeds,
+            negative_prompt_embeds, fps, aspect_ratio, max_sequence_length, device,
+        )
+        batch = prompt_embeds.shape[0]
+        latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+        latents = self.prepare_latents(
+            batch, latent_frames, height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial,
+            device, generator, latents,
+        )
+        latents = self.sample_latents(
+            latents, prompt_embeds, negative_prompt_embeds, denoise, callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+        frames = self.decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames,)
+        return StarFlowVPipelineOutput(frames=frames)
+
+    def sample_latents(
+        self,
+        noise: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: Optional[torch.Tensor],
+        denoise: str,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+    ) -> torch.Tensor:
+        """Invert the flow from noise (B, C, T, H, W) to model-space latents, then denoise."""
+        transformer, deep = self.transformer, self.transformer.deep_block
+        b, _, t, h, w = noise.shape
+        p = transformer.config.patch_size
+        grid = (b, t, h // p, w // p)
+        per_frame = grid[2] * grid[3]
+        text_length = prompt_embeds.shape[1]
+        cfg_batch = negative_prompt_embeds is not None
+
+        scheduler = self.scheduler
+        scheduler.set_timesteps(per_frame, t, trained_frames=transformer.config.trained_latent_frames, device=noise.device)
+        self._num_timesteps = scheduler.num_timesteps
+        text = torch.cat([prompt_embeds, negative_prompt_embeds]) if cfg_batch else prompt_embeds
+        rotary = transformer.rotary_embedding(t, grid[2], grid[3], text_length, noise.device)
+        cache = deep.init_cache(text.shape[0], scheduler.cache_length(per_frame, t, text_length), device=noise.device)
+
+        with _lora_scale(transformer, (self._attention_kwargs or {}).get("scale")):
+            z = self._to_block_tokens(noise, deep)
+            state = z.clone()
+            deep.prefill_text(text, cache, rotary)
+            with self.progress_bar(total=scheduler.num_timesteps) as progress_bar:
+                for index, chunk in enumerate(scheduler.chunks):
+                    if self.interrupt:
+                        break
+                    if chunk.context is not None:
+                        cache.truncate(0)
+                        deep.prefill_text(text, cache, rotary)
+                        context = scheduler.context_inputs(state, deep.sos_embed, chunk.context)
+                        deep.evaluate_chunk(torch.cat([context, context]) if cfg_batch else context, cache, rotary)
+                    weight = max(self._guidance_scale - 1.0, 0.0) if cfg_batch else 0.0
+                    self.solve_chunk(deep, chunk, state, z, cache, rotary, weight, cfg_batch)
+                    if callback_on_step_end is not None:
+                        callback_kwargs = {}
+                        for name in callback_on_step_end_tensor_inputs:
+                            callback_kwargs[name] = (
+                                self._from_block_tokens(state, deep, grid) if name == "latents" else locals()[name]
+                            )
+                        outputs = callback_on_step_end(self, index, chunk.start, callback_kwargs) or {}
+                        if "latents" in outputs:
+                            state = self._to_block_tokens(outputs["latents"], deep)
+                        prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
+                        negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
+                        if self._guidance_scale > 1 and not cfg_batch:
+                            logger.warning("Guidance cannot be switched on mid-solve without negative embeddings.")
+                    progress_bar.update()
+            del cache
+            tokens = self.invert_shallow_blocks(deep.permute(state.reshape(b, t, per_frame, -1)), grid)
+            latents = transformer.unpatchify(tokens.reshape(b, t, grid[2], grid[3], -1), video=True)
+            latents = self.denoise_latents(latents, prompt_embeds, denoise)
+        return latents
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        if self.vae is None:
+            video = latents.clamp(-1, 1)
+        else:
+            vae_latents = self.denormalize_latents(latents).to(self.vae.dtype)
+            video = self.vae.decode(vae_latents, return_dict=False)[0]
+        return self.video_processor.postprocess_video(video.float(), output_type=output_type)
+
+
+class _lora_scale:
+    """Scale PEFT LoRA layers for the duration of a call (diffusers' `attention_kwargs={"scale": s}`)."""
+
+    def __init__(self, model: torch.nn.Module, scale: Optional[float]):
+        self.model = model
+        self.scale = scale if scale is not None and getattr(model, "_hf_peft_config_loaded", False) else None
+
+    def __enter__(self):
+        if self.scale is not None:
+            from diffusers.utils import scale_lora_layers
+
+            scale_lora_layers(self.model, self.scale)
+
+    def __exit__(self, *exc):
+        if self.scale is not None:
+            from diffusers.utils import unscale_lora_layers
+
+            unscale_lora_layers(self.model, self.scale)

@@ -1,0 +1,1 @@
+from .scheduling_jacobi_flow import FlowChunk, JacobiFlowScheduler, JacobiFlowSchedulerOutput, flow_guidance

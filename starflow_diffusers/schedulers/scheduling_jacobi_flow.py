@@ -1,0 +1,250 @@
+# Copyright 2025 The starflow-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""Solve plan and update rule for inverting an autoregressive affine flow block (noise -> data).
+
+Inverting a block means solving u_j = shift_j(u_<j) + scale_j(u_<j) * z_j for every token j. The scheduler
+splits the token sequence into chunks. The pipeline evaluates the network on a chunk's inputs through the
+block's KV cache, and `step` writes the new estimate of the chunk's tokens and says whether the fixed point
+has converged; if not, the pipeline rolls its cache back and evaluates the chunk again.
+
+* `mode="sequential"`: one token per chunk and one evaluation: the exact autoregressive inverse.
+* `mode="jacobi"`: block-Jacobi fixed-point iteration on chunks of `block_size` tokens within the first
+  frame and `later_block_multiplier * block_size` after it; iteration 0 of a later chunk may read the same
+  positions one frame earlier (`warm_start`).
+* Videos longer than `local_window` latent frames are solved window by window: after the first window,
+  each new window keeps the last `context_frames` solved frames, which the pipeline re-encodes into a fresh
+  cache so that positions restart at 0.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
+
+import torch
+
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+
+
+@dataclass
+class FlowChunk:
+    """Tokens [start, end) of the block-order sequence, solved together.
+
+    `context` is the token range [start, end) to re-encode into a fresh cache before this chunk (the first
+    chunk of every window after the first), else None. `warm_start_offset` > 0 means iteration 0 reads its
+    inputs that many tokens earlier.
+    """
+
+    start: int
+    end: int
+    window: int
+    context: Optional[Tuple[int, int]] = None
+    warm_start_offset: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class JacobiFlowSchedulerOutput(BaseOutput):
+    """
+    Args:
+        prev_sample (`torch.Tensor`): the float32 token state (B, N, D) with the chunk updated.
+        converged (`bool`): stop iterating this chunk (residual below threshold, or last iteration).
+        residual (`torch.Tensor`): mean squared change relative to the mean squared new value.
+    """
+
+    prev_sample: torch.Tensor
+    converged: bool
+    residual: torch.Tensor
+
+
+def flow_guidance(
+    shift: torch.Tensor, scale: torch.Tensor, guidance_weight: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Classifier-free guidance for a Gaussian flow step (spec section 5).
+
+    `shift`/`scale` hold [conditional; unconditional] along the batch; returns the guided (shift, scale) of
+    the conditional half. With w = guidance_weight, s = min(scale_c/scale_u, 1)^2:
+    scale = scale_c / sqrt(1 + w - w s), shift = ((1 + w) shift_c - w s shift_u) / (1 + w - w s).
+    """
+    shift_c, shift_u = shift.chunk(2)
+    scale_c, scale_u = scale.chunk(2)
+    w = guidance_weight
+    ratio = (scale_c / scale_u).clamp(max=1.0).square()
+    denom = 1 + w - w * ratio
+    return ((1 + w) * shift_c - (w * ratio) * shift_u) / denom, scale_c / denom.sqrt()
+
+
+class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
+    """Plans and applies the fixed-point solve of STARFlow's autoregressive flow blocks.
+
+    Args:
+        mode (`str`): "jacobi" (parallel block-Jacobi, default) or "sequential" (one token per network call).
+        block_size (`int`): tokens per Jacobi chunk inside the first frame.
+        later_block_multiplier (`int`): chunk size multiplier once a chunk starts after the first frame.
+        max_iterations (`int`): Jacobi iterations per chunk at most.
+        threshold (`float`): relative residual below which a chunk has converged.
+        warm_start (`bool`): start a later chunk from the same positions one frame earlier.
+        local_window (`int`, *optional*): latent frames the deep block attends to; None means the model's
+            trained length (`trained_latent_frames`).
+        context_frames (`int`): frames kept as context when the window slides.
+    """
+
+    config_name = "scheduler_config.json"
+    order = 1
+    _compatibles = []
+
+    @register_to_config
+    def __init__(
+        self,
+        mode: str = "jacobi",
+        block_size: int = 32,
+        later_block_multiplier: int = 4,
+        max_iterations: int = 32,
+        threshold: float = 1e-3,
+        warm_start: bool = True,
+        local_window: Optional[int] = None,
+        context_frames: int = 16,
+    ):
+        self._validate(mode, block_size, later_block_multiplier, max_iterations, threshold, local_window, context_frames)
+        self.chunks: List[FlowChunk] = []
+        self.timesteps = torch.zeros(0, dtype=torch.long)
+
+    @staticmethod
+    def _validate(mode, block_size, later_block_multiplier, max_iterations, threshold, local_window, context_frames):
+        if mode not in ("jacobi", "sequential"):
+            raise ValueError(f"`mode` must be 'jacobi' or 'sequential', got {mode!r}.")
+        for name, value in (
+            ("block_size", block_size),
+            ("later_block_multiplier", later_block_multiplier),
+            ("max_iterations", max_iterations),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if not threshold >= 0:
+            raise ValueError(f"`threshold` must be >= 0, got {threshold!r}.")
+        if local_window is not None and (not isinstance(local_window, int) or local_window < 1):
+            raise ValueError(f"`local_window` must be None or a positive number of latent frames, got {local_window!r}.")
+        if not isinstance(context_frames, int) or context_frames < 1:
+            raise ValueError(f"`context_frames` must be a positive integer, got {context_frames!r}.")
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def iterations_per_chunk(self) -> int:
+        return 1 if self.config.mode == "sequential" else self.config.max_iterations
+
+    def resolve_window(self, num_frames: int, trained_frames: Optional[int]) -> Optional[int]:
+        """Frames per window, or None when the whole video fits in one."""
+        window = self.config.local_window or trained_frames
+        if window is None or num_frames <= window:
+            return None
+        if self.config.context_frames >= window:
+            raise ValueError(
+                f"`context_frames` ({self.config.context_frames}) must be smaller than the local window ({window})."
+            )
+        return window
+
+    def plan(
+        self,
+        tokens_per_frame: int,
+        num_frames: int,
+        prefix_tokens: int = 0,
+        window_frames: Optional[int] = None,
+    ) -> List[FlowChunk]:
+        """Chunks solving tokens [prefix_tokens, num_frames * tokens_per_frame) of one block."""
+        total = num_frames * tokens_per_frame
+        if prefix_tokens < 0 or prefix_tokens >= total:
+            raise ValueError(f"`prefix_tokens` must be in [0, {total}), got {prefix_tokens}.")
+        sequential = self.config.mode == "sequential"
+        window = None if window_frames is None else window_frames * tokens_per_frame
+        context = None if window is None else self.config.context_frames * tokens_per_frame
+        target = total if window is None else min(total, window)
+        chunks, start, index, pending_context = [], prefix_tokens, 0, None
+        while True:
+            while start < target:
+                if sequential:
+                    size = 1
+                elif start <= tokens_per_frame:
+                    size = self.config.block_size
+                else:
+                    size = self.config.block_size * self.config.later_block_multiplier
+                end = min(start + size, target)
+                warm = tokens_per_frame if (self.config.warm_start and not sequential and start > tokens_per_frame) else 0
+                chunks.append(FlowChunk(start, end, index, pending_context, warm))
+                pending_context = None
+                start = end
+            if target >= total:
+                return chunks
+            target = min(target + window - context, total)
+            index += 1
+            pending_context = (start - context, start)
+
+    def set_timesteps(
+        self,
+        tokens_per_frame: int,
+        num_frames: int,
+        prefix_tokens: int = 0,
+        trained_frames: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+    ) -> None:
+        """Plan the deep block's solve. `timesteps` holds each chunk's first token."""
+        window = self.resolve_window(num_frames, trained_frames)
+        self.window_frames = window
+        self.chunks = self.plan(tokens_per_frame, num_frames, prefix_tokens, window)
+        self.timesteps = torch.tensor([c.start for c in self.chunks], dtype=torch.long, device=device)
+
+    def cache_length(self, tokens_per_frame: int, num_frames: int, text_length: int = 0) -> int:
+        """Positions the deep block's KV cache needs for the planned solve."""
+        frames = num_frames if self.window_frames is None else self.window_frames
+        return text_length + frames * tokens_per_frame
+
+    @staticmethod
+    def chunk_inputs(sample: torch.Tensor, sos: torch.Tensor, chunk: FlowChunk, iteration: int) -> torch.Tensor:
+        """Network inputs of a chunk: token j is predicted from token j - 1 (the SOS vector for j = 0)."""
+        offset = chunk.warm_start_offset if iteration == 0 else 0
+        start, end = chunk.start - 1 - offset, chunk.end - 1 - offset
+        if start >= 0:
+            return sample[:, start:end]
+        sos = sos.to(sample.dtype).expand(sample.shape[0], 1, -1)
+        return torch.cat([sos, sample[:, :end]], dim=1)
+
+    @staticmethod
+    def context_inputs(sample: torch.Tensor, sos: torch.Tensor, context: Tuple[int, int]) -> torch.Tensor:
+        """Inputs re-encoding tokens [start, end) as a fresh sequence: [sos, tokens[start:end-1]]."""
+        start, end = context
+        sos = sos.to(sample.dtype).expand(sample.shape[0], 1, -1)
+        return torch.cat([sos, sample[:, start : end - 1]], dim=1)
+
+    def step(
+        self,
+        model_output: Tuple[torch.Tensor, torch.Tensor],
+        chunk: FlowChunk,
+        sample: torch.Tensor,
+        noise: torch.Tensor,
+        iteration: int,
+        guidance_weight: float = 0.0,
+        return_dict: bool = True,
+    ) -> Union[JacobiFlowSchedulerOutput, Tuple]:
+        """One fixed-point update of `chunk`: u = shift + scale * z, written into `sample` (in place).
+
+        Args:
+            model_output: float32 (shift, scale) of the chunk; with guidance_weight > 0 they hold the
+                [conditional; unconditional] batch and are combined with `flow_guidance`.
+            sample: the (B, N, D) float32 token state; unsolved tokens hold any initial guess.
+            noise: the (B, N, D) noise z being inverted.
+        """
+        shift, scale = model_output
+        if guidance_weight > 0:
+            shift, scale = flow_guidance(shift, scale, guidance_weight)
+        new = shift + scale * noise[:, chunk.start : chunk.end]
+        old = sample[:, chunk.start : chunk.end]
+        residual = (new - old).square().mean() / new.square().mean()
+        sample[:, chunk.start : chunk.end] = new
+        converged = iteration >= self.iterations_per_chunk - 1 or bool(residual < self.config.threshold)
+        if not return_dict:
+            return sample, converged, residual
+        return JacobiFlowSchedulerOutput(prev_sample=sample, converged=converged, residual=residual)

@@ -83,7 +83,7 @@ def tiny_pipeline_components(with_vae: bool = True, seed: int = 0) -> Dict[str, 
     tokenizer = tiny_tokenizer()
     return dict(
         transformer=tiny_transformer(in_channels=48 if with_vae else 3, seed=seed),
-        scheduler=JacobiFlowScheduler(block_size=4, threshold=1e-4, max_iterations=16),
+        scheduler=JacobiFlowScheduler(block_size=4, threshold=1e-4, max_iterations=16, context_frames=1),
         tokenizer=tokenizer,
         text_encoder=tiny_text_encoder(len(tokenizer), seed=seed),
         vae=tiny_wan_vae(seed) if with_vae else None,

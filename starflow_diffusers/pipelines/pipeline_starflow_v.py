@@ -259,7 +259,10 @@ class StarFlowVPipeline(DiffusionPipeline):
         denoise,
         output_type,
         callback_on_step_end_tensor_inputs,
+        max_sequence_length=None,
     ):
+        if max_sequence_length is not None and (not isinstance(max_sequence_length, int) or max_sequence_length < 1):
+            raise ValueError(f"`max_sequence_length` must be a positive integer, got {max_sequence_length!r}.")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
         if prompt is None and prompt_embeds is None:
@@ -274,9 +277,14 @@ class StarFlowVPipeline(DiffusionPipeline):
         if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
             raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt).__name__}.")
         text_dim = self.transformer.config.text_embed_dim
+        # text positions are scaled by the text length, so embeddings must have the trained length
+        text_length = max_sequence_length or self.text_length
         for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-            if embeds is not None and (embeds.ndim != 3 or embeds.shape[-1] != text_dim or embeds.shape[1] < 1):
-                raise ValueError(f"`{name}` must be (batch, text_length, {text_dim}), got {tuple(embeds.shape)}.")
+            if embeds is not None and (embeds.ndim != 3 or embeds.shape[1:] != (text_length, text_dim)):
+                raise ValueError(
+                    f"`{name}` must be (batch, {text_length}, {text_dim}) (pad or truncate to the text length), "
+                    f"got {tuple(embeds.shape)}."
+                )
         if prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
             raise ValueError(
                 f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
@@ -522,6 +530,7 @@ class StarFlowVPipeline(DiffusionPipeline):
         self.check_inputs(
             prompt, negative_prompt, height, width, num_frames, guidance_scale, num_videos_per_prompt, latents,
             prompt_embeds, negative_prompt_embeds, denoise, output_type, callback_on_step_end_tensor_inputs,
+            max_sequence_length,
         )
         if not self.transformer.config.is_video:
             raise ValueError("`transformer` is an image model; use `StarFlowPipeline` for text-to-image.")

@@ -20,7 +20,7 @@ and D = C p^2 channels per token, channel order (p1, p2, c). Images are videos w
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn

@@ -161,10 +161,13 @@ class StarFlowSamplingMixin:
         denoise: str,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
+        context_latents: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Invert the flow from noise (B, C, T, H, W) to model-space latents (B, C, T, H, W), then denoise.
 
-        Image models take T = 1."""
+        Image models take T = 1. `context_latents` (B, C, Tc, H, W), already noise-augmented, are known
+        first frames (image-to-video, extension): they run forward through the shallow blocks into the deep
+        block's cache, and the solve continues after them; the output keeps all T frames."""
         transformer, deep = self.transformer, self.transformer.deep_block
         b, _, t, h, w = noise.shape
         p = transformer.config.patch_size
@@ -173,8 +176,11 @@ class StarFlowSamplingMixin:
         text_length = prompt_embeds.shape[1]
         cfg_batch = negative_prompt_embeds is not None
 
+        prefix_tokens = 0 if context_latents is None else context_latents.shape[2] * per_frame
         scheduler = self.scheduler
-        scheduler.set_timesteps(per_frame, t, trained_frames=transformer.config.trained_latent_frames, device=noise.device)
+        scheduler.set_timesteps(
+            per_frame, t, prefix_tokens, trained_frames=transformer.config.trained_latent_frames, device=noise.device
+        )
         self._num_timesteps = scheduler.num_timesteps
         text = torch.cat([prompt_embeds, negative_prompt_embeds]) if cfg_batch else prompt_embeds
         rotary = transformer.rotary_embedding(t, grid[2], grid[3], text_length, noise.device)
@@ -184,6 +190,14 @@ class StarFlowSamplingMixin:
             z = self._to_block_tokens(noise, deep)
             state = z.clone()
             deep.prefill_text(text, cache, rotary)
+            if context_latents is not None:
+                # the known frames in the deep block's input space, then into its cache
+                tokens = transformer.patchify(context_latents.to(transformer.dtype))
+                tokens = tokens.reshape(b, context_latents.shape[2], per_frame, -1)
+                tokens, _ = transformer.forward_shallow(tokens, grid[2:])
+                state[:, :prefix_tokens] = deep.permute(tokens).reshape(b, prefix_tokens, -1).float()
+                context = scheduler.context_inputs(state, deep.sos_embed, (0, prefix_tokens))
+                deep.evaluate_chunk(torch.cat([context, context]) if cfg_batch else context, cache, rotary)
             with self.progress_bar(total=scheduler.num_timesteps) as progress_bar:
                 for index, chunk in enumerate(scheduler.chunks):
                     if self.interrupt:
@@ -206,6 +220,8 @@ class StarFlowSamplingMixin:
                             state = self._to_block_tokens(outputs["latents"], deep)
                         prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
                         negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
+                        # new embeddings apply from the next window's text prefix and to denoising
+                        text = torch.cat([prompt_embeds, negative_prompt_embeds]) if cfg_batch else prompt_embeds
                         if self._guidance_scale > 1 and not cfg_batch:
                             logger.warning("Guidance cannot be switched on mid-solve without negative embeddings.")
                     progress_bar.update()

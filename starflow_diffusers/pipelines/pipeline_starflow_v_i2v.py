@@ -1,0 +1,205 @@
+# Copyright 2025 The starflow-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""Image-to-video and video extension with STARFlow-V.
+
+The conditioning image (or the clip to extend) is VAE-encoded, normalised, noise-augmented with the
+model's training noise level sigma and run FORWARD through the flow: its deep-space tokens fill the deep
+block's KV cache, and the solve continues after them (spec section 8). The first output frames reproduce
+the conditioning frames up to solver tolerance.
+"""
+
+import os
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import numpy as np
+import PIL.Image
+import torch
+
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import load_image, logging
+from diffusers.utils.torch_utils import randn_tensor
+
+from .pipeline_starflow_v import (
+    StarFlowVPipeline,
+    StarFlowVPipelineOutput,
+    closest_trained_aspect_ratio,
+    frame_size_for_aspect_ratio,
+)
+
+
+logger = logging.get_logger(__name__)
+
+EXTEND_CAPTION_PREFIX = "(extend) "
+
+ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
+
+
+class StarFlowVImageToVideoPipeline(StarFlowVPipeline):
+    r"""
+    Image-to-video generation (and video extension) with STARFlow-V. Same components and configuration as
+    [`StarFlowVPipeline`]; a VAE is needed unless `image_latents`/`video_latents` are passed.
+    """
+
+    def _load_frames(self, image: Optional[ImageInput], video) -> Optional[Union[List, torch.Tensor, np.ndarray]]:
+        if image is not None and video is not None:
+            raise ValueError("Pass either `image` or `video` (a clip to extend), not both.")
+        if image is not None:
+            if isinstance(image, (str, os.PathLike)):
+                image = load_image(str(image))
+            if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+                raise ValueError(f"`image` must be a PIL image, np array, tensor or path, got {type(image).__name__}.")
+            return [image]
+        if video is not None:
+            if isinstance(video, (str, os.PathLike)):
+                from diffusers.utils import load_video
+
+                video = load_video(str(video))
+            if len(video) == 0:
+                raise ValueError("`video` has no frames.")
+            return video
+        return None
+
+    def _frame_size(self, frames, height, width, aspect_ratio):
+        """Default height/width: the trained aspect ratio closest to the conditioning frames'."""
+        if frames is None or (height is not None and width is not None) or aspect_ratio is not None:
+            return height, width, aspect_ratio
+        first = frames[0]
+        if isinstance(first, PIL.Image.Image):
+            w, h = first.size
+        elif isinstance(first, np.ndarray):
+            h, w = first.shape[-3:-1] if first.shape[-1] in (1, 3, 4) else first.shape[-2:]
+        else:
+            h, w = first.shape[-2:]
+        aspect_ratio = closest_trained_aspect_ratio(w, h)
+        default_h, default_w = frame_size_for_aspect_ratio(aspect_ratio, self.default_base_frame_size, self.spatial_multiple)
+        return height or default_h, width or default_w, aspect_ratio
+
+    def encode_context(self, frames, height: int, width: int, generator=None) -> torch.Tensor:
+        """Pixel frames -> normalised, NOT yet noise-augmented model-space latents (1, C, Tc, h, w)."""
+        if self.vae is None:
+            pixels = self.video_processor.preprocess_video(frames, height, width, resize_mode="crop")
+            return pixels.to(self._execution_device, torch.float32)
+        pixels = self.video_processor.preprocess_video(frames, height, width, resize_mode="crop")
+        pixels = pixels.to(self._execution_device, self.vae.dtype)
+        if (pixels.shape[2] - 1) % self.vae_scale_factor_temporal:
+            keep = (pixels.shape[2] - 1) // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
+            logger.warning(f"The clip to extend has {pixels.shape[2]} frames; using its first {keep} (4k+1).")
+            pixels = pixels[:, :, :keep]
+        latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
+        return self.normalize_latents(latents.float())
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: Optional[ImageInput] = None,
+        prompt: Union[str, List[str], None] = None,
+        negative_prompt: Union[str, List[str], None] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_frames: Optional[int] = None,
+        fps: int = 16,
+        aspect_ratio: Optional[str] = None,
+        guidance_scale: float = 4.5,
+        num_videos_per_prompt: int = 1,
+        generator: Union[torch.Generator, List[torch.Generator], None] = None,
+        latents: Optional[torch.Tensor] = None,
+        image_latents: Optional[torch.Tensor] = None,
+        video=None,
+        video_latents: Optional[torch.Tensor] = None,
+        extend_caption_prefix: bool = False,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        denoise: str = "auto",
+        output_type: str = "np",
+        return_dict: bool = True,
+        attention_kwargs: Optional[Dict[str, Any]] = None,
+        callback_on_step_end: Optional[Union[Callable, PipelineCallback, MultiPipelineCallbacks]] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+        max_sequence_length: Optional[int] = None,
+    ):
+        r"""
+        Generate a video starting from `image` (or continuing `video`). Arguments as in
+        [`StarFlowVPipeline.__call__`], plus:
+
+        Args:
+            image (PIL image, np array, tensor or path): the first frame. It is resized and centre-cropped
+                to (height, width); without them, the size follows the image's aspect ratio. It is encoded
+                as one latent frame, normalised and noise-augmented with sigma using `generator`.
+            image_latents (`torch.Tensor`, *optional*): (B, C, 1, h, w) model-space latents used verbatim as the
+                already noise-augmented first frame.
+            video (list of PIL images, np array, tensor or path, *optional*): a clip to extend instead of an
+                image; its (4k+1) frames become the context.
+            video_latents (`torch.Tensor`, *optional*): (B, C, Tc, h, w) model-space context used verbatim.
+            extend_caption_prefix (`bool`): prepend "(extend) " to the prompts, for checkpoints trained with
+                it for extension.
+            num_frames (`int`, *optional*): total pixel frames of the output, conditioning frames included.
+        """
+        given = [n for n, v in (("image", image), ("image_latents", image_latents), ("video", video), ("video_latents", video_latents)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"Pass exactly one of `image`, `image_latents`, `video`, `video_latents`; got {given or 'none'}.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(
+            prompt, negative_prompt, height, width, num_frames, guidance_scale, num_videos_per_prompt, latents,
+            prompt_embeds, negative_prompt_embeds, denoise, output_type, callback_on_step_end_tensor_inputs,
+            max_sequence_length,
+        )
+        context = image_latents if image_latents is not None else video_latents
+        channels = self.transformer.config.in_channels
+        if context is not None and (context.ndim != 5 or context.shape[1] != channels):
+            name = "image_latents" if image_latents is not None else "video_latents"
+            raise ValueError(f"`{name}` must be (batch, {channels}, frames, height, width), got {tuple(context.shape)}.")
+        if image_latents is not None and image_latents.shape[2] != 1:
+            raise ValueError(f"`image_latents` must hold one latent frame, got {image_latents.shape[2]}.")
+        frames = self._load_frames(image, video)
+        if frames is not None and self.vae is None and channels != 3:
+            raise ValueError("Encoding `image`/`video` needs a VAE; pass `image_latents`/`video_latents` instead.")
+        if denoise == "auto":
+            denoise = "learned" if self.transformer.has_denoiser else "score"
+        if denoise == "learned" and not self.transformer.has_denoiser:
+            raise ValueError("`denoise='learned'` needs a model with a learned denoiser; use 'score' or 'none'.")
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._interrupt = False
+        device = self._execution_device
+
+        if context is not None and latents is None and (height is None or width is None):
+            height = height or context.shape[3] * self.vae_scale_factor_spatial
+            width = width or context.shape[4] * self.vae_scale_factor_spatial
+        height, width, aspect_ratio = self._frame_size(frames, height, width, aspect_ratio)
+        height, width, num_frames, aspect_ratio = self.resolve_video_size(height, width, num_frames, aspect_ratio, latents)
+
+        if extend_caption_prefix and prompt is not None:
+            prompt = [EXTEND_CAPTION_PREFIX + p for p in ([prompt] if isinstance(prompt, str) else prompt)]
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, negative_prompt, self.do_classifier_free_guidance, num_videos_per_prompt, prompt_embeds,
+            negative_prompt_embeds, fps, aspect_ratio, max_sequence_length, device,
+        )
+        batch = prompt_embeds.shape[0]
+        if context is None:
+            context = self.encode_context(frames, height, width, generator)
+            noise = randn_tensor(context.shape, generator=generator, device=device, dtype=torch.float32)
+            context = context + self.noise_std * noise
+        context = context.to(device, torch.float32)
+        if context.shape[0] == 1 and batch > 1:
+            context = context.expand(batch, -1, -1, -1, -1)
+        latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+        latent_size = (height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
+        if context.shape[0] != batch or tuple(context.shape[3:]) != latent_size:
+            raise ValueError(
+                f"The context latents {tuple(context.shape)} do not match batch {batch} and latent size {latent_size}."
+            )
+        if context.shape[2] >= latent_frames:
+            raise ValueError(
+                f"`num_frames`={num_frames} ({latent_frames} latent frames) leaves nothing to generate after "
+                f"{context.shape[2]} conditioning latent frame(s)."
+            )
+        latents = self.prepare_latents(batch, latent_frames, *latent_size, device, generator, latents)
+        latents = self.sample_latents(
+            latents, prompt_embeds, negative_prompt_embeds, denoise, callback_on_step_end,
+            callback_on_step_end_tensor_inputs, context_latents=context,
+        )
+        frames = self.decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames,)
+        return StarFlowVPipelineOutput(frames=frames)

@@ -1,2 +1,2 @@
-from .pipeline_starflow_v import StarFlowVPipeline, StarFlowVPipelineOutput
+from .pipeline_starflow_v import StarFlowVInversionOutput, StarFlowVPipeline, StarFlowVPipelineOutput
 from .pipeline_starflow_v_i2v import StarFlowVImageToVideoPipeline

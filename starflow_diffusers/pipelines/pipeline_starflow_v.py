@@ -7,6 +7,7 @@ optionally denoised (learned denoiser or one score step) and decoded by the Wan 
 """
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -15,7 +16,7 @@ import torch
 
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import BaseOutput, load_video, logging
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
@@ -43,6 +44,22 @@ EXAMPLE_DOC_STRING = """
         >>> export_to_video(video, "corgi.mp4", fps=16)
         ```
 """
+
+
+@dataclass
+class StarFlowVInversionOutput(BaseOutput):
+    """
+    Args:
+        noise (`torch.Tensor`): z = f(x), (B, C, T, H, W), the exact preimage of the input under the flow.
+        log_likelihood (`torch.Tensor`): (B,) log p(x) in nats of the (noise-augmented) model-space latents.
+        bits_per_dim (`torch.Tensor`): (B,) -log2 p(x) per dimension.
+        latents (`torch.Tensor`): the model-space latents x that were mapped.
+    """
+
+    noise: torch.Tensor
+    log_likelihood: torch.Tensor
+    bits_per_dim: torch.Tensor
+    latents: torch.Tensor
 
 
 @dataclass
@@ -436,6 +453,103 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin):
         if not return_dict:
             return (frames,)
         return StarFlowVPipelineOutput(frames=frames)
+
+    # ---- pixel videos in, likelihood and inversion ----------------------------------------------------------
+
+    @staticmethod
+    def load_video_frames(video) -> Union[List, np.ndarray, torch.Tensor]:
+        """A path (read with diffusers' `load_video`), a list of PIL frames, an np array or a tensor."""
+        if isinstance(video, (str, os.PathLike)):
+            if not os.path.exists(video):
+                raise ValueError(f"`video` file not found: {video}")
+            try:
+                video = load_video(str(video))
+            except Exception as e:
+                raise ValueError(f"`video` {video!r} could not be read as a video: {e}") from e
+        if video is None or len(video) == 0:
+            raise ValueError("`video` has no frames.")
+        return video
+
+    def encode_video(self, frames, height: int, width: int, generator=None) -> torch.Tensor:
+        """Pixel frames -> normalised model-space latents (1, C, T, h, w), not noise-augmented.
+
+        Frames are resized and centre-cropped to (height, width); with a VAE, a clip whose length is not
+        4k+1 is trimmed to the longest 4k+1 prefix (with a warning)."""
+        pixels = self.video_processor.preprocess_video(frames, height, width, resize_mode="crop")
+        if self.vae is None:
+            return pixels.to(self._execution_device, torch.float32)
+        if (pixels.shape[2] - 1) % self.vae_scale_factor_temporal:
+            keep = (pixels.shape[2] - 1) // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
+            logger.warning(f"The video has {pixels.shape[2]} frames; using its first {keep} (4k+1).")
+            pixels = pixels[:, :, :keep]
+        pixels = pixels.to(self._execution_device, self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
+        return self.normalize_latents(latents.float())
+
+    @torch.no_grad()
+    def invert(
+        self,
+        video=None,
+        prompt: Union[str, List[str], None] = None,
+        latents: Optional[torch.Tensor] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        fps: int = 16,
+        aspect_ratio: Optional[str] = None,
+        noise_augment: Optional[bool] = None,
+        generator: Union[torch.Generator, List[torch.Generator], None] = None,
+        max_sequence_length: Optional[int] = None,
+    ) -> StarFlowVInversionOutput:
+        """Map a video exactly to its noise z and compute its log-likelihood under the flow.
+
+        Args:
+            video: pixel frames (path, list of PIL images, np array or tensor); or pass `latents`.
+            latents (`torch.Tensor`, *optional*): (B, C, T, h, w) model-space latents instead of `video`.
+            noise_augment (`bool`, *optional*): add sigma-scaled Gaussian noise first, as in training (the
+                density is over noisy latents). Default: True for `video`, False for `latents`.
+        """
+        if (video is None) == (latents is None):
+            raise ValueError("Pass exactly one of `video` (pixels) or `latents` (model space).")
+        if latents is not None and (latents.ndim != 5 or latents.shape[1] != self.transformer.config.in_channels):
+            raise ValueError(
+                f"`latents` must be (batch, {self.transformer.config.in_channels}, frames, height, width), got {tuple(latents.shape)}."
+            )
+        device = self._execution_device
+        if video is not None:
+            frames = self.load_video_frames(video)
+            if height is None or width is None:
+                ratio = aspect_ratio or self.config.default_aspect_ratio
+                default_h, default_w = frame_size_for_aspect_ratio(ratio, self.default_base_frame_size, self.spatial_multiple)
+                height, width = height or default_h, width or default_w
+            latents = self.encode_video(frames, height, width, generator)
+        latents = latents.to(device, torch.float32)
+        if noise_augment if noise_augment is not None else video is not None:
+            latents = latents + self.noise_std * randn_tensor(latents.shape, generator=generator, device=device)
+        if aspect_ratio is None:
+            aspect_ratio = closest_trained_aspect_ratio(latents.shape[4], latents.shape[3])
+        if prompt is None and prompt_embeds is None:
+            prompt = ""
+        prompt_embeds, _ = self.encode_prompt(
+            prompt, None, False, 1, prompt_embeds, None, fps, aspect_ratio, max_sequence_length, device
+        )
+        if prompt_embeds.shape[0] == 1 and latents.shape[0] > 1:
+            prompt_embeds = prompt_embeds.expand(latents.shape[0], -1, -1)
+        if prompt_embeds.shape[0] != latents.shape[0]:
+            raise ValueError(f"{prompt_embeds.shape[0]} prompts for a batch of {latents.shape[0]} videos.")
+        output = self.transformer(latents.to(self.transformer.dtype), prompt_embeds)
+        noise = output.sample.float()
+        dims = noise[0].numel()
+        log_likelihood = -0.5 * noise.square().flatten(1).sum(1) - 0.5 * dims * math.log(2 * math.pi) + output.logdet
+        bits = -log_likelihood / (dims * math.log(2))
+        self.maybe_free_model_hooks()
+        return StarFlowVInversionOutput(noise=noise, log_likelihood=log_likelihood, bits_per_dim=bits, latents=latents)
+
+    def log_likelihood(self, video=None, prompt=None, **kwargs) -> torch.Tensor:
+        """(B,) bits per dimension of a video (or `latents=`) under the flow; lower is more likely.
+
+        Accepts the arguments of `invert`; useful for ranking candidates or flagging anomalies."""
+        return self.invert(video, prompt, **kwargs).bits_per_dim
 
     def decode_latents(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":

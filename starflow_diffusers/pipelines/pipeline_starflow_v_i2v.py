@@ -49,13 +49,7 @@ class StarFlowVImageToVideoPipeline(StarFlowVPipeline):
                 raise ValueError(f"`image` must be a PIL image, np array, tensor or path, got {type(image).__name__}.")
             return [image]
         if video is not None:
-            if isinstance(video, (str, os.PathLike)):
-                from diffusers.utils import load_video
-
-                video = load_video(str(video))
-            if len(video) == 0:
-                raise ValueError("`video` has no frames.")
-            return video
+            return self.load_video_frames(video)
         return None
 
     def _frame_size(self, frames, height, width, aspect_ratio):
@@ -72,20 +66,6 @@ class StarFlowVImageToVideoPipeline(StarFlowVPipeline):
         aspect_ratio = closest_trained_aspect_ratio(w, h)
         default_h, default_w = frame_size_for_aspect_ratio(aspect_ratio, self.default_base_frame_size, self.spatial_multiple)
         return height or default_h, width or default_w, aspect_ratio
-
-    def encode_context(self, frames, height: int, width: int, generator=None) -> torch.Tensor:
-        """Pixel frames -> normalised, NOT yet noise-augmented model-space latents (1, C, Tc, h, w)."""
-        if self.vae is None:
-            pixels = self.video_processor.preprocess_video(frames, height, width, resize_mode="crop")
-            return pixels.to(self._execution_device, torch.float32)
-        pixels = self.video_processor.preprocess_video(frames, height, width, resize_mode="crop")
-        pixels = pixels.to(self._execution_device, self.vae.dtype)
-        if (pixels.shape[2] - 1) % self.vae_scale_factor_temporal:
-            keep = (pixels.shape[2] - 1) // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
-            logger.warning(f"The clip to extend has {pixels.shape[2]} frames; using its first {keep} (4k+1).")
-            pixels = pixels[:, :, :keep]
-        latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
-        return self.normalize_latents(latents.float())
 
     @torch.no_grad()
     def __call__(
@@ -176,7 +156,7 @@ class StarFlowVImageToVideoPipeline(StarFlowVPipeline):
         )
         batch = prompt_embeds.shape[0]
         if context is None:
-            context = self.encode_context(frames, height, width, generator)
+            context = self.encode_video(frames, height, width, generator)
             noise = randn_tensor(context.shape, generator=generator, device=device, dtype=torch.float32)
             context = context + self.noise_std * noise
         context = context.to(device, torch.float32)

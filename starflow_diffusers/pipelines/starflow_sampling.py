@@ -4,13 +4,18 @@
 The deep block is solved first, with classifier-free guidance and a KV cache holding the text prefix; the
 shallow blocks are then inverted without guidance (per frame for released video models); the result is
 denoised with the learned denoiser or one score step. Images are handled as one-frame videos.
+
+The mixin also holds what the text-to-video and text-to-image pipelines share around the solve: the prompt
+template and text encoding, input validation, frame-size resolution and the initial noise.
 """
 
-from typing import Any, Dict, List, Optional
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.transformer_starflow_v import DENOISER_STEP, StarFlowFlowBlock
 from ..schedulers.scheduling_jacobi_flow import FlowChunk
@@ -18,11 +23,44 @@ from ..schedulers.scheduling_jacobi_flow import FlowChunk
 
 logger = logging.get_logger(__name__)
 
+# Aspect-ratio strings the released models were trained with (spec section 6).
+TRAINED_ASPECT_RATIOS = ("1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21")
+DENOISE_MODES = ("auto", "learned", "score", "none")
+OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+
+
+def parse_aspect_ratio(aspect_ratio: str) -> float:
+    """"16:9" -> 16/9 (width over height)."""
+    try:
+        w, h = (float(v) for v in str(aspect_ratio).split(":"))
+        if w <= 0 or h <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"`aspect_ratio` must look like 'W:H' with positive numbers (e.g. '16:9'), got {aspect_ratio!r}.")
+    return w / h
+
+
+def closest_trained_aspect_ratio(width: int, height: int) -> str:
+    ratio = math.log(width / height)
+    return min(TRAINED_ASPECT_RATIOS, key=lambda r: abs(math.log(parse_aspect_ratio(r)) - ratio))
+
+
+def frame_size_for_aspect_ratio(aspect_ratio: str, base_size: int, multiple: int) -> Tuple[int, int]:
+    """(height, width) with area base_size^2 and width/height = aspect_ratio, rounded to `multiple`."""
+    r = parse_aspect_ratio(aspect_ratio)
+    height = int(round(math.sqrt(base_size**2 / r) / multiple)) * multiple
+    width = int(round(math.sqrt(base_size**2 * r) / multiple)) * multiple
+    return max(height, multiple), max(width, multiple)
+
 
 class StarFlowSamplingMixin:
     """Flow inversion for pipelines with `transformer` (StarFlowVTransformer) and `scheduler`
     (JacobiFlowScheduler) components. Pipelines set `_guidance_scale`, `_attention_kwargs` and `_interrupt`
-    at the start of a call."""
+    at the start of a call (`_start_call`).
+
+    The text helpers expect optional `tokenizer`/`text_encoder`/`vae` components, a `vae_scale_factor_spatial`
+    attribute and the config entries `noise_level_conditioning`, `aspect_ratio_conditioning`,
+    `default_aspect_ratio`, `base_frame_size` and `max_text_length`."""
 
     # ---- properties diffusers users rely on ----------------------------------------------------------
 
@@ -73,6 +111,197 @@ class StarFlowSamplingMixin:
         hidden = self.text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
         # padding positions are zeroed, as the model was trained
         return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+
+    def _apply_template(self, prompts: List[str], aspect_ratio: Optional[str], fps: Optional[int] = None) -> List[str]:
+        """The conditioning template of the released models (spec section 6), in its order: the fps line
+        (only when `fps` is not None), then the noise level and the aspect ratio as the config enables them."""
+        out = []
+        for text in prompts:
+            if fps is not None:
+                text = f"A video with {fps} fps:\n{text}\n" if fps > 0 else f"An image:\n{text}\n"
+            if self.config.noise_level_conditioning:
+                text = f"Noise Level {int(self.noise_std * 1000)}:\n{text}"
+            if self.config.aspect_ratio_conditioning and aspect_ratio is not None:
+                text = f"{text}\n in a {aspect_ratio} aspect ratio.\n"
+            out.append(text)
+        return out
+
+    def _encode_prompt_pair(
+        self,
+        prompt: Union[str, List[str], None],
+        negative_prompt: Union[str, List[str], None],
+        do_classifier_free_guidance: bool,
+        num_per_prompt: int,
+        prompt_embeds: Optional[torch.Tensor],
+        negative_prompt_embeds: Optional[torch.Tensor],
+        template: Callable[[List[str]], List[str]],
+        max_sequence_length: Optional[int],
+        device: Optional[torch.device],
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Templated (`template`), encoded and masked embeddings of the prompts and, with guidance, of the
+        negative prompts ("" by default), each repeated `num_per_prompt` times. Given embeddings are used as
+        they are (no template)."""
+        device = device or self._execution_device
+        length = max_sequence_length or self.text_length
+        if prompt_embeds is None:
+            prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = self._encode_text(template(prompt), length, device)
+        batch = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negative_prompt = negative_prompt if negative_prompt is not None else ""
+            negative_prompt = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negative_prompt) != batch:
+                raise ValueError(
+                    f"`negative_prompt` has {len(negative_prompt)} entries but there are {batch} prompts."
+                )
+            negative_prompt_embeds = self._encode_text(template(negative_prompt), prompt_embeds.shape[1], device)
+        dtype = self.transformer.dtype
+        prompt_embeds = prompt_embeds.to(device, dtype).repeat_interleave(num_per_prompt, dim=0)
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_embeds.to(device, dtype).repeat_interleave(num_per_prompt, 0)
+        else:
+            negative_prompt_embeds = None
+        return prompt_embeds, negative_prompt_embeds
+
+    # ---- checks and sizes -------------------------------------------------------------------------------
+
+    def _check_call_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        sizes: Dict[str, Optional[int]],
+        guidance_scale,
+        num_per_prompt: Tuple[str, Any],
+        latents,
+        latent_axes: Sequence[str],
+        prompt_embeds,
+        negative_prompt_embeds,
+        denoise,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+        max_sequence_length=None,
+    ) -> None:
+        """Argument checks shared by the pipelines. `sizes` maps argument names to positive sizes (or None),
+        `num_per_prompt` is (argument name, value) and `latent_axes` names the latents' axes after
+        (batch, channels)."""
+        if max_sequence_length is not None and (not isinstance(max_sequence_length, int) or max_sequence_length < 1):
+            raise ValueError(f"`max_sequence_length` must be a positive integer, got {max_sequence_length!r}.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Provide either `prompt` or `prompt_embeds`.")
+        if prompt is not None:
+            if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt)):
+                raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+            if isinstance(prompt, list) and len(prompt) == 0:
+                raise ValueError("`prompt` is an empty list; pass at least one prompt.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
+            raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt).__name__}.")
+        self._check_text_embeds(prompt_embeds, negative_prompt_embeds, max_sequence_length)
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 1:
+            raise ValueError(f"`guidance_scale` must be >= 1 (1 disables guidance), got {guidance_scale!r}.")
+        name, value = num_per_prompt
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name, value in sizes.items():
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if denoise not in DENOISE_MODES:
+            raise ValueError(f"`denoise` must be one of {DENOISE_MODES}, got {denoise!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if output_type != "latent" and self.vae is None and self.transformer.config.in_channels != 3:
+            raise ValueError("This pipeline has no VAE and its latents are not RGB; use `output_type='latent'`.")
+        channels = self.transformer.config.in_channels
+        if latents is not None and (latents.ndim != 2 + len(latent_axes) or latents.shape[1] != channels):
+            raise ValueError(f"`latents` must be (batch, {channels}, {', '.join(latent_axes)}), got {tuple(latents.shape)}.")
+        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` entries {unknown} are not in {self._callback_tensor_inputs}.")
+
+    def _check_text_embeds(self, prompt_embeds, negative_prompt_embeds, max_sequence_length=None) -> None:
+        text_dim = self.transformer.config.text_embed_dim
+        # text positions are scaled by the text length, so embeddings must have the trained length
+        text_length = max_sequence_length or self.text_length
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None and (embeds.ndim != 3 or embeds.shape[1:] != (text_length, text_dim)):
+                raise ValueError(
+                    f"`{name}` must be (batch, {text_length}, {text_dim}) (pad or truncate to the text length), "
+                    f"got {tuple(embeds.shape)}."
+                )
+        if prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(
+                f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
+                f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
+            )
+
+    def _resolve_frame_size(
+        self,
+        height: Optional[int],
+        width: Optional[int],
+        aspect_ratio: Optional[str],
+        latent_size: Optional[Tuple[int, int]] = None,
+    ) -> Tuple[int, int, str]:
+        """Pixel (height, width), rounded down to `spatial_multiple` with a warning, and the aspect-ratio string.
+
+        Missing sizes come from the latents' (height, width) `latent_size`, else from `aspect_ratio` (or the
+        configured default) at the trained frame area; a missing aspect ratio is the trained one closest to
+        width/height."""
+        spatial = self.spatial_multiple
+        if latent_size is not None:
+            h, w = latent_size
+            p = self.transformer.config.patch_size
+            if h % p or w % p:
+                raise ValueError(f"`latents` height and width must be divisible by patch_size={p}, got {h}x{w}.")
+            height = height or h * self.vae_scale_factor_spatial
+            width = width or w * self.vae_scale_factor_spatial
+        if height is None or width is None:
+            ratio = aspect_ratio or self.config.default_aspect_ratio
+            default_h, default_w = frame_size_for_aspect_ratio(ratio, self.default_base_frame_size, spatial)
+            height, width = height or default_h, width or default_w
+        for name, value in (("height", height), ("width", width)):
+            if value < spatial:
+                raise ValueError(f"`{name}`={value} is smaller than one latent cell ({spatial} pixels).")
+        if height % spatial or width % spatial:
+            new_h, new_w = height // spatial * spatial, width // spatial * spatial
+            logger.warning(f"`height` and `width` must be multiples of {spatial}; using {new_h}x{new_w} instead of {height}x{width}.")
+            height, width = new_h, new_w
+        if aspect_ratio is None:
+            aspect_ratio = closest_trained_aspect_ratio(width, height)
+        else:
+            parse_aspect_ratio(aspect_ratio)
+        return height, width, aspect_ratio
+
+    # ---- call set-up ------------------------------------------------------------------------------------
+
+    def _start_call(self, guidance_scale: float, attention_kwargs: Optional[Dict[str, Any]], denoise: str) -> str:
+        """Reset the per-call state; returns the denoising mode with "auto" resolved."""
+        if denoise == "auto":
+            denoise = "learned" if self.transformer.has_denoiser else "score"
+        if denoise == "learned" and not self.transformer.has_denoiser:
+            raise ValueError("`denoise='learned'` needs a model with a learned denoiser; use 'score' or 'none'.")
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._interrupt = False
+        return denoise
+
+    def prepare_noise(
+        self,
+        shape: Tuple[int, ...],
+        device,
+        generator: Union[torch.Generator, List[torch.Generator], None],
+        latents: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The float32 Gaussian noise z to invert: `latents` checked against `shape`, or drawn."""
+        if latents is not None:
+            if latents.shape != shape:
+                raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+            return latents.to(device=device, dtype=torch.float32)
+        if isinstance(generator, list) and len(generator) != shape[0]:
+            raise ValueError(f"`generator` is a list of {len(generator)} but the batch is {shape[0]}.")
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 
     # ---- the flow inversion ---------------------------------------------------------------------------------
 

@@ -4,5 +4,11 @@ __version__ = "0.1.0"
 
 # Every component module is imported here so `from_pretrained` can resolve our classes by name.
 from .models import StarFlowKVCache, StarFlowVTransformer, StarFlowVTransformerOutput
-from .pipelines import StarFlowVImageToVideoPipeline, StarFlowVPipeline, StarFlowVPipelineOutput
+from .pipelines import (
+    StarFlowVImageToVideoPipeline,
+    StarFlowVInversionOutput,
+    StarFlowVPipeline,
+    StarFlowVPipelineOutput,
+    StarFlowVVideoToVideoPipeline,
+)
 from .schedulers import JacobiFlowScheduler, JacobiFlowSchedulerOutput

@@ -1,2 +1,3 @@
 from .pipeline_starflow_v import StarFlowVInversionOutput, StarFlowVPipeline, StarFlowVPipelineOutput
 from .pipeline_starflow_v_i2v import StarFlowVImageToVideoPipeline
+from .pipeline_starflow_v_v2v import StarFlowVVideoToVideoPipeline

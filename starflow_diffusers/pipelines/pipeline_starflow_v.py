@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
+import PIL.Image
 import torch
 
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -22,15 +23,18 @@ from diffusers.video_processor import VideoProcessor
 
 from ..models.transformer_starflow_v import StarFlowVTransformer
 from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
-from .starflow_sampling import StarFlowSamplingMixin
+from .starflow_sampling import (  # noqa: F401  (aspect-ratio helpers re-exported for existing imports)
+    DENOISE_MODES,
+    OUTPUT_TYPES,
+    TRAINED_ASPECT_RATIOS,
+    StarFlowSamplingMixin,
+    closest_trained_aspect_ratio,
+    frame_size_for_aspect_ratio,
+    parse_aspect_ratio,
+)
 
 
 logger = logging.get_logger(__name__)
-
-# Aspect-ratio strings the released models were trained with (spec section 6).
-TRAINED_ASPECT_RATIOS = ("1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21")
-DENOISE_MODES = ("auto", "learned", "score", "none")
-OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -71,30 +75,6 @@ class StarFlowVPipelineOutput(BaseOutput):
     """
 
     frames: Union[torch.Tensor, np.ndarray, List[List[Any]]]
-
-
-def parse_aspect_ratio(aspect_ratio: str) -> float:
-    """"16:9" -> 16/9 (width over height)."""
-    try:
-        w, h = (float(v) for v in str(aspect_ratio).split(":"))
-        if w <= 0 or h <= 0:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"`aspect_ratio` must look like 'W:H' with positive numbers (e.g. '16:9'), got {aspect_ratio!r}.")
-    return w / h
-
-
-def closest_trained_aspect_ratio(width: int, height: int) -> str:
-    ratio = math.log(width / height)
-    return min(TRAINED_ASPECT_RATIOS, key=lambda r: abs(math.log(parse_aspect_ratio(r)) - ratio))
-
-
-def frame_size_for_aspect_ratio(aspect_ratio: str, base_size: int, multiple: int) -> Tuple[int, int]:
-    """(height, width) with area base_size^2 and width/height = aspect_ratio, rounded to `multiple`."""
-    r = parse_aspect_ratio(aspect_ratio)
-    height = int(round(math.sqrt(base_size**2 / r) / multiple)) * multiple
-    width = int(round(math.sqrt(base_size**2 * r) / multiple)) * multiple
-    return max(height, multiple), max(width, multiple)
 
 
 class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin):
@@ -158,16 +138,7 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin):
 
     def apply_prompt_template(self, prompts: List[str], fps: int, aspect_ratio: Optional[str]) -> List[str]:
         """The conditioning template of the released models (spec section 6), in its order."""
-        out = []
-        for text in prompts:
-            if self.config.fps_conditioning:
-                text = f"A video with {fps} fps:\n{text}\n" if fps > 0 else f"An image:\n{text}\n"
-            if self.config.noise_level_conditioning:
-                text = f"Noise Level {int(self.noise_std * 1000)}:\n{text}"
-            if self.config.aspect_ratio_conditioning and aspect_ratio is not None:
-                text = f"{text}\n in a {aspect_ratio} aspect ratio.\n"
-            out.append(text)
-        return out
+        return self._apply_template(prompts, aspect_ratio, fps if self.config.fps_conditioning else None)
 
     def encode_prompt(
         self,
@@ -186,29 +157,11 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin):
 
         `prompt_embeds`/`negative_prompt_embeds` are used as given (no template), e.g. from compel.
         """
-        device = device or self._execution_device
-        length = max_sequence_length or self.text_length
-        if prompt_embeds is None:
-            prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds = self._encode_text(self.apply_prompt_template(prompt, fps, aspect_ratio), length, device)
-        batch = prompt_embeds.shape[0]
-        if do_classifier_free_guidance and negative_prompt_embeds is None:
-            negative_prompt = negative_prompt if negative_prompt is not None else ""
-            negative_prompt = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
-            if len(negative_prompt) != batch:
-                raise ValueError(
-                    f"`negative_prompt` has {len(negative_prompt)} entries but there are {batch} prompts."
-                )
-            negative_prompt_embeds = self._encode_text(
-                self.apply_prompt_template(negative_prompt, fps, aspect_ratio), prompt_embeds.shape[1], device
-            )
-        dtype = self.transformer.dtype
-        prompt_embeds = prompt_embeds.to(device, dtype).repeat_interleave(num_videos_per_prompt, dim=0)
-        if do_classifier_free_guidance:
-            negative_prompt_embeds = negative_prompt_embeds.to(device, dtype).repeat_interleave(num_videos_per_prompt, 0)
-        else:
-            negative_prompt_embeds = None
-        return prompt_embeds, negative_prompt_embeds
+        return self._encode_prompt_pair(
+            prompt, negative_prompt, do_classifier_free_guidance, num_videos_per_prompt, prompt_embeds,
+            negative_prompt_embeds, lambda texts: self.apply_prompt_template(texts, fps, aspect_ratio),
+            max_sequence_length, device,
+        )
 
     # ---- checks -----------------------------------------------------------------------------------------
 
@@ -229,82 +182,22 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin):
         callback_on_step_end_tensor_inputs,
         max_sequence_length=None,
     ):
-        if max_sequence_length is not None and (not isinstance(max_sequence_length, int) or max_sequence_length < 1):
-            raise ValueError(f"`max_sequence_length` must be a positive integer, got {max_sequence_length!r}.")
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("Provide either `prompt` or `prompt_embeds`.")
-        if prompt is not None:
-            if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt)):
-                raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
-            if isinstance(prompt, list) and len(prompt) == 0:
-                raise ValueError("`prompt` is an empty list; pass at least one prompt.")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
-        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
-            raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt).__name__}.")
-        text_dim = self.transformer.config.text_embed_dim
-        # text positions are scaled by the text length, so embeddings must have the trained length
-        text_length = max_sequence_length or self.text_length
-        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-            if embeds is not None and (embeds.ndim != 3 or embeds.shape[1:] != (text_length, text_dim)):
-                raise ValueError(
-                    f"`{name}` must be (batch, {text_length}, {text_dim}) (pad or truncate to the text length), "
-                    f"got {tuple(embeds.shape)}."
-                )
-        if prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
-            raise ValueError(
-                f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
-                f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
-            )
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 1:
-            raise ValueError(f"`guidance_scale` must be >= 1 (1 disables guidance), got {guidance_scale!r}.")
-        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
-            raise ValueError(f"`num_videos_per_prompt` must be a positive integer, got {num_videos_per_prompt!r}.")
-        for name, value in (("height", height), ("width", width), ("num_frames", num_frames)):
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if denoise not in DENOISE_MODES:
-            raise ValueError(f"`denoise` must be one of {DENOISE_MODES}, got {denoise!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if output_type != "latent" and self.vae is None and self.transformer.config.in_channels != 3:
-            raise ValueError("This pipeline has no VAE and its latents are not RGB; use `output_type='latent'`.")
-        if latents is not None and (latents.ndim != 5 or latents.shape[1] != self.transformer.config.in_channels):
-            raise ValueError(
-                f"`latents` must be (batch, {self.transformer.config.in_channels}, frames, height, width), "
-                f"got {tuple(latents.shape)}."
-            )
-        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` entries {unknown} are not in {self._callback_tensor_inputs}.")
+        self._check_call_inputs(
+            prompt, negative_prompt, {"height": height, "width": width, "num_frames": num_frames}, guidance_scale,
+            ("num_videos_per_prompt", num_videos_per_prompt), latents, ("frames", "height", "width"), prompt_embeds,
+            negative_prompt_embeds, denoise, output_type, callback_on_step_end_tensor_inputs, max_sequence_length,
+        )
 
     def resolve_video_size(
         self, height: Optional[int], width: Optional[int], num_frames: Optional[int], aspect_ratio: Optional[str],
         latents: Optional[torch.Tensor],
     ) -> Tuple[int, int, int, str]:
         """Pixel (height, width, num_frames) and the aspect-ratio string, rounded to valid values."""
-        spatial, temporal = self.spatial_multiple, self.vae_scale_factor_temporal
+        temporal = self.vae_scale_factor_temporal
         if latents is not None:
-            t, h, w = latents.shape[2:]
-            p = self.transformer.config.patch_size
-            if h % p or w % p:
-                raise ValueError(f"`latents` height and width must be divisible by patch_size={p}, got {h}x{w}.")
-            height = height or h * self.vae_scale_factor_spatial
-            width = width or w * self.vae_scale_factor_spatial
-            num_frames = num_frames or (t - 1) * temporal + 1
-        if height is None or width is None:
-            ratio = aspect_ratio or self.config.default_aspect_ratio
-            default_h, default_w = frame_size_for_aspect_ratio(ratio, self.default_base_frame_size, spatial)
-            height, width = height or default_h, width or default_w
-        for name, value in (("height", height), ("width", width)):
-            if value < spatial:
-                raise ValueError(f"`{name}`={value} is smaller than one latent cell ({spatial} pixels).")
-        if height % spatial or width % spatial:
-            new_h, new_w = height // spatial * spatial, width // spatial * spatial
-            logger.warning(f"`height` and `width` must be multiples of {spatial}; using {new_h}x{new_w} instead of {height}x{width}.")
-            height, width = new_h, new_w
+            num_frames = num_frames or (latents.shape[2] - 1) * temporal + 1
+        latent_size = None if latents is None else tuple(latents.shape[3:])
+        height, width, aspect_ratio = self._resolve_frame_size(height, width, aspect_ratio, latent_size)
         if num_frames is None:
             trained = self.transformer.config.trained_latent_frames or 1
             num_frames = (trained - 1) * temporal + 1
@@ -312,10 +205,6 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin):
             rounded = (num_frames - 1) // temporal * temporal + 1
             logger.warning(f"`num_frames` must be {temporal}k+1; using {rounded} instead of {num_frames}.")
             num_frames = rounded
-        if aspect_ratio is None:
-            aspect_ratio = closest_trained_aspect_ratio(width, height)
-        else:
-            parse_aspect_ratio(aspect_ratio)
         if latents is not None:
             expected = ((num_frames - 1) // temporal + 1, height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
             if tuple(latents.shape[2:]) != expected:
@@ -330,13 +219,7 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin):
     def prepare_latents(self, batch_size, num_latent_frames, latent_height, latent_width, device, generator, latents):
         """The Gaussian noise z to invert, float32 (B, C, T, H, W)."""
         shape = (batch_size, self.transformer.config.in_channels, num_latent_frames, latent_height, latent_width)
-        if latents is not None:
-            if latents.shape != shape:
-                raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
-            return latents.to(device=device, dtype=torch.float32)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"`generator` is a list of {len(generator)} but the batch is {batch_size}.")
-        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        return self.prepare_noise(shape, device, generator, latents)
 
     def _vae_stats(self, latents: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         shape = (1, -1, 1, 1, 1)
@@ -424,13 +307,7 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin):
         )
         if not self.transformer.config.is_video:
             raise ValueError("`transformer` is an image model; use `StarFlowPipeline` for text-to-image.")
-        if denoise == "auto":
-            denoise = "learned" if self.transformer.has_denoiser else "score"
-        if denoise == "learned" and not self.transformer.has_denoiser:
-            raise ValueError("`denoise='learned'` needs a model with a learned denoiser; use 'score' or 'none'.")
-        self._guidance_scale = guidance_scale
-        self._attention_kwargs = attention_kwargs
-        self._interrupt = False
+        denoise = self._start_call(guidance_scale, attention_kwargs, denoise)
         device = self._execution_device
 
         height, width, num_frames, aspect_ratio = self.resolve_video_size(height, width, num_frames, aspect_ratio, latents)
@@ -469,6 +346,21 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin):
         if video is None or len(video) == 0:
             raise ValueError("`video` has no frames.")
         return video
+
+    def _default_size_for_frames(self, frames, height, width, aspect_ratio):
+        """Default height/width: the trained aspect ratio closest to the conditioning frames'."""
+        if frames is None or (height is not None and width is not None) or aspect_ratio is not None:
+            return height, width, aspect_ratio
+        first = frames[0]
+        if isinstance(first, PIL.Image.Image):
+            w, h = first.size
+        elif isinstance(first, np.ndarray):
+            h, w = first.shape[-3:-1] if first.shape[-1] in (1, 3, 4) else first.shape[-2:]
+        else:
+            h, w = first.shape[-2:]
+        aspect_ratio = closest_trained_aspect_ratio(w, h)
+        default_h, default_w = frame_size_for_aspect_ratio(aspect_ratio, self.default_base_frame_size, self.spatial_multiple)
+        return height or default_h, width or default_w, aspect_ratio
 
     def encode_video(self, frames, height: int, width: int, generator=None) -> torch.Tensor:
         """Pixel frames -> normalised model-space latents (1, C, T, h, w), not noise-augmented.

@@ -18,12 +18,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import load_image, logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipeline_starflow_v import (
-    StarFlowVPipeline,
-    StarFlowVPipelineOutput,
-    closest_trained_aspect_ratio,
-    frame_size_for_aspect_ratio,
-)
+from .pipeline_starflow_v import StarFlowVPipeline, StarFlowVPipelineOutput
 
 
 logger = logging.get_logger(__name__)
@@ -51,21 +46,6 @@ class StarFlowVImageToVideoPipeline(StarFlowVPipeline):
         if video is not None:
             return self.load_video_frames(video)
         return None
-
-    def _frame_size(self, frames, height, width, aspect_ratio):
-        """Default height/width: the trained aspect ratio closest to the conditioning frames'."""
-        if frames is None or (height is not None and width is not None) or aspect_ratio is not None:
-            return height, width, aspect_ratio
-        first = frames[0]
-        if isinstance(first, PIL.Image.Image):
-            w, h = first.size
-        elif isinstance(first, np.ndarray):
-            h, w = first.shape[-3:-1] if first.shape[-1] in (1, 3, 4) else first.shape[-2:]
-        else:
-            h, w = first.shape[-2:]
-        aspect_ratio = closest_trained_aspect_ratio(w, h)
-        default_h, default_w = frame_size_for_aspect_ratio(aspect_ratio, self.default_base_frame_size, self.spatial_multiple)
-        return height or default_h, width or default_w, aspect_ratio
 
     @torch.no_grad()
     def __call__(
@@ -145,7 +125,7 @@ class StarFlowVImageToVideoPipeline(StarFlowVPipeline):
         if context is not None and latents is None and (height is None or width is None):
             height = height or context.shape[3] * self.vae_scale_factor_spatial
             width = width or context.shape[4] * self.vae_scale_factor_spatial
-        height, width, aspect_ratio = self._frame_size(frames, height, width, aspect_ratio)
+        height, width, aspect_ratio = self._default_size_for_frames(frames, height, width, aspect_ratio)
         height, width, num_frames, aspect_ratio = self.resolve_video_size(height, width, num_frames, aspect_ratio, latents)
 
         if extend_caption_prefix and prompt is not None:

@@ -81,3 +81,51 @@ def test_invert_is_exact_and_likelihood_is_consistent():
     torch.testing.assert_close(inversion.bits_per_dim, expected_bits)
     with pytest.raises(ValueError, match="exactly one"):
         pipe.invert(prompt="a dog")
+
+
+def test_edit_at_full_strength_ignores_the_source(pipe):
+    first = pipe.encode_video(_frames(seed=0), 32, 32, generator=torch.Generator().manual_seed(0))
+    second = pipe.encode_video(_frames(seed=1), 32, 32, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(prompt="a dog", strength=1.0, guidance_scale=1.0, denoise="none", output_type="latent")
+    a = pipe(video_latents=first, generator=torch.Generator().manual_seed(5), **kwargs).frames
+    b = pipe(video_latents=second, generator=torch.Generator().manual_seed(5), **kwargs).frames
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(a, b)
+
+
+def test_unreadable_video_file_is_rejected(pipe, tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00not a video" * 64)
+    with pytest.raises(ValueError, match="video"):
+        pipe(str(broken), prompt="a cat")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["image_to_video", "video_to_video"])
+def test_output_types_and_save_load_round_trip(kind, tmp_path):
+    import PIL.Image as Image
+
+    from starflow_diffusers import StarFlowVImageToVideoPipeline
+
+    cls = StarFlowVImageToVideoPipeline if kind == "image_to_video" else StarFlowVVideoToVideoPipeline
+    pipe = cls(**tiny_pipeline_components())
+    pipe.set_progress_bar_config(disable=True)
+    source = _frames()[0] if kind == "image_to_video" else _frames()
+    kwargs = dict(prompt="a dog", height=32, width=32, generator=None)
+    if kind == "image_to_video":
+        kwargs["num_frames"] = 9
+
+    def run(p, output_type):
+        kwargs["generator"] = torch.Generator().manual_seed(0)
+        return p(source, output_type=output_type, **kwargs).frames
+
+    video = run(pipe, "np")
+    assert video.ndim == 5 and video.shape[-1] == 3 and 0 <= video.min() and video.max() <= 1
+    pil = run(pipe, "pil")
+    assert isinstance(pil[0][0], Image.Image) and len(pil[0]) == video.shape[1]
+    latents = run(pipe, "latent")
+    assert latents.shape[1] == 48
+    pipe.save_pretrained(tmp_path)
+    reloaded = cls.from_pretrained(tmp_path)
+    reloaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(run(reloaded, "np"), video)

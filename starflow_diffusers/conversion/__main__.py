@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="original YAML with its `arguments:` list")
     parser.add_argument("--output", required=True, help="folder to write (config.json + safetensors)")
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights (default: fp32)"
+        "--dtype", choices=list(DTYPES), default="fp32", help="dtype of the written weights (default: fp32)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     parser.add_argument(
@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"largest safetensors file, e.g. 5GB, 500MB (decimal units; default: {DEFAULT_MAX_SHARD_SIZE})",
     )
     return parser
+
+
+def _human_size(num_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes} B"
 
 
 def _fail(message: str, code: int) -> int:
@@ -76,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         return _fail(f"interrupted; {args.output} was left as it was", EXIT_INTERRUPTED)
     print(
-        f"wrote {summary['num_tensors']} tensors ({summary['total_size'] / 1e9:.2f} GB, {args.dtype}) in "
+        f"wrote {summary['num_tensors']} tensors ({_human_size(summary['total_size'])}, {args.dtype}) in "
         f"{len(summary['files'])} file(s) to {args.output}"
     )
     return 0

@@ -78,6 +78,10 @@ def shard_file_names(num_shards: int) -> List[str]:
 
 def save_shard(tensors: Dict[str, torch.Tensor], path: str) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
+    # safetensors creates its files private (0600); give them the usual permissions, like config.json
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def write_transformer_folder(

@@ -88,3 +88,31 @@ def tiny_pipeline_components(with_vae: bool = True, seed: int = 0) -> Dict[str, 
         text_encoder=tiny_text_encoder(len(tokenizer), seed=seed),
         vae=tiny_wan_vae(seed) if with_vae else None,
     )
+
+
+def tiny_image_vae(seed: int = 0):
+    """An SD-style AutoencoderKL: 4 latent channels, 2x spatial compression (2 ** (len(block_out_channels) - 1))."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, sample_size=16, scaling_factor=0.5,
+    ).eval()
+
+
+def tiny_image_pipeline_components(with_vae: bool = True, seed: int = 0) -> Dict[str, Optional[torch.nn.Module]]:
+    """Components of a tiny StarFlowPipeline: an image flow (no denoiser), T5, and an SD-style VAE or none."""
+    tokenizer = tiny_tokenizer()
+    transformer = tiny_transformer(
+        in_channels=4 if with_vae else 3, is_video=False, shallow_blocks_per_frame=False, denoiser_num_layers=0,
+        trained_latent_frames=None, noise_std=0.3, sample_size=4, seed=seed,
+    )
+    return dict(
+        transformer=transformer,
+        scheduler=JacobiFlowScheduler(block_size=16, threshold=1e-4, max_iterations=16),
+        tokenizer=tokenizer,
+        text_encoder=tiny_text_encoder(len(tokenizer), seed=seed),
+        vae=tiny_image_vae(seed) if with_vae else None,
+    )

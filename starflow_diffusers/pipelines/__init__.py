@@ -1,3 +1,4 @@
+from .pipeline_starflow import StarFlowPipeline
 from .pipeline_starflow_v import StarFlowVInversionOutput, StarFlowVPipeline, StarFlowVPipelineOutput
 from .pipeline_starflow_v_i2v import StarFlowVImageToVideoPipeline
 from .pipeline_starflow_v_v2v import StarFlowVVideoToVideoPipeline

@@ -4,7 +4,7 @@
 import os
 import pickle
 import re
-import zipfile
+import warnings
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
@@ -226,9 +226,9 @@ def check_against_model(converted: Mapping[str, torch.Tensor], model: torch.nn.M
 
 
 def _reason(error: BaseException) -> str:
-    """First line of an exception's message (some, like EOFError from an empty file, have none)."""
+    """The error's type and the first line of its message (a KeyError's message alone is just the key)."""
     lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def load_original_state_dict(checkpoint_path: str, mmap: bool = True) -> Dict[str, torch.Tensor]:
@@ -238,15 +238,17 @@ def load_original_state_dict(checkpoint_path: str, mmap: bool = True) -> Dict[st
     if os.path.getsize(checkpoint_path) == 0:
         raise ConversionError(f"checkpoint file is empty: {checkpoint_path}")
     if checkpoint_path.endswith(".safetensors"):
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(checkpoint_path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ConversionError(f"{checkpoint_path} is not a readable safetensors file: {e}") from e
+        except Exception as e:  # parsing untrusted bytes: whatever fails, the file is unreadable
+            raise ConversionError(f"{checkpoint_path} is not a readable safetensors file: {_reason(e)}") from e
     try:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            # random bytes can pass for a pickle of an unknown protocol; the error that follows says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # The weights-only unpickler reports objects it refuses as "Unsupported global"; anything else it
         # stumbles on (an unknown opcode) means the bytes are not a pickle at all.
@@ -261,7 +263,7 @@ def load_original_state_dict(checkpoint_path: str, mmap: bool = True) -> Dict[st
             f"{checkpoint_path} holds objects other than tensors ({refused.group(1)}); only weights-only "
             "checkpoints are converted, arbitrary pickles are never executed."
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # the weights-only unpickler on corrupt bytes can raise anything (KeyError, ...)
         if mmap and "mmap" in str(e):
             return load_original_state_dict(checkpoint_path, mmap=False)
         raise ConversionError(f"{checkpoint_path} is not a readable PyTorch checkpoint: {_reason(e)}") from e

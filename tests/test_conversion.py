@@ -3,6 +3,7 @@
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -105,16 +106,19 @@ def assert_no_staging_left(parent: Path):
     assert not leftovers, leftovers
 
 
-def test_cli_folder_matches_direct_conversion(tmp_path, reference):
+@pytest.mark.parametrize("name, latent_shape", [("video_tiny", (2, 4, 3, 4, 4)), ("image_tiny", (2, 4, 4, 4))])
+def test_cli_folder_matches_direct_conversion(tmp_path, name, latent_shape):
+    checkpoint, config = PARITY / f"{name}.pth", PARITY / f"{name}.yaml"
+    reference = convert_original_checkpoint(str(checkpoint), str(config))
     output = tmp_path / "transformer"
-    assert convert(output) == 0
+    assert convert(output, checkpoint, config) == 0
     assert sorted(os.listdir(output)) == ["config.json", "diffusion_pytorch_model.safetensors"]
     model = StarFlowVTransformer.from_pretrained(output)
     assert _public(model.config) == _public(reference.config)
     assert_same_weights(model, reference)
 
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, 3, 4, 4, generator=generator)
+    latents = torch.randn(*latent_shape, generator=generator)
     text = torch.randn(2, 6, 16, generator=generator)
     with torch.no_grad():
         actual, expected = model(latents, text), reference(latents, text)
@@ -197,7 +201,7 @@ def test_interrupted_write_leaves_output_untouched(tmp_path, monkeypatch, interr
 
 def test_python_dash_m_reports_errors_in_one_line(tmp_path):
     bad = tmp_path / "random.pth"
-    bad.write_bytes(os.urandom(4096))
+    bad.write_bytes(random.Random(0).randbytes(4096))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(
         [sys.executable, "-m", "starflow_diffusers.conversion", "--checkpoint", str(bad), "--config", str(VIDEO_YAML),
@@ -234,8 +238,8 @@ def _checkpoint_cases(tmp_path: Path, state: dict):
     def edited(name, remove=(), replace=None):
         return saved(name, {**{k: v for k, v in state.items() if k not in remove}, **(replace or {})})
 
-    (tmp_path / "random.pth").write_bytes(os.urandom(4096))
-    (tmp_path / "random.safetensors").write_bytes(os.urandom(4096))
+    (tmp_path / "random.pth").write_bytes(random.Random(0).randbytes(4096))
+    (tmp_path / "random.safetensors").write_bytes(random.Random(0).randbytes(4096))
     (tmp_path / "empty.pth").write_bytes(b"")
     layer = "blocks.1.attn_blocks.0"
     return [

@@ -6,3 +6,4 @@ from .convert_starflow import (
     load_original_state_dict,
     transformer_config_from_original,
 )
+from .writer import convert_checkpoint_to_folder, staged_output_directory, write_transformer_folder

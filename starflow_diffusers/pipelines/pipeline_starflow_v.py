@@ -23,10 +23,7 @@ from diffusers.video_processor import VideoProcessor
 
 from ..models.transformer_starflow_v import StarFlowVTransformer
 from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
-from .starflow_sampling import (  # noqa: F401  (aspect-ratio helpers re-exported for existing imports)
-    DENOISE_MODES,
-    OUTPUT_TYPES,
-    TRAINED_ASPECT_RATIOS,
+from .starflow_sampling import (
     StarFlowSamplingMixin,
     closest_trained_aspect_ratio,
     frame_size_for_aspect_ratio,

@@ -199,6 +199,7 @@ def test_interrupted_write_leaves_output_untouched(tmp_path, monkeypatch, interr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch, diffusers and transformers
 def test_python_dash_m_reports_errors_in_one_line(tmp_path):
     bad = tmp_path / "random.pth"
     bad.write_bytes(random.Random(0).randbytes(4096))

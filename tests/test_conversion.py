@@ -85,7 +85,9 @@ def original_state():
 
 
 def convert(output, checkpoint=VIDEO_PTH, config=VIDEO_YAML, *extra) -> int:
-    return main(["--checkpoint", str(checkpoint), "--config", str(config), "--output", str(output), *map(str, extra)])
+    """The CLI writing a transformer folder (`--transformer-only`)."""
+    args = ["--checkpoint", str(checkpoint), "--config", str(config), "--output", str(output), "--transformer-only"]
+    return main([*args, *map(str, extra)])
 
 
 def assert_same_weights(model, reference, dtype=torch.float32):

@@ -1,8 +1,11 @@
 # Copyright 2025 The starflow-diffusers authors. Licensed under the Apache License, Version 2.0.
-"""`starflow-convert`: original STARFlow / STARFlow-V checkpoint + YAML -> diffusers model folder.
+"""`starflow-convert`: original STARFlow / STARFlow-V checkpoint + YAML -> diffusers pipeline folder.
 
-    starflow-convert --checkpoint starflow-v_7B_t2v_caus_480p.pth \
-        --config starflow-v_7B_t2v_caus_480p.yaml --output starflow-v-7b/transformer --dtype bf16
+    starflow-convert --checkpoint starflow-v_7B_t2v_caus_480p.pth --config starflow-v_7B_t2v_caus_480p.yaml \
+        --vae Wan2.2-TI2V-5B-Diffusers --text-encoder flan-t5-xl --tokenizer flan-t5-xl \
+        --output starflow-v-7b-diffusers --dtype bf16
+
+With `--transformer-only`, only the transformer folder (config.json + safetensors) is written.
 
 Also runnable as `python -m starflow_diffusers.conversion`.
 """
@@ -12,7 +15,13 @@ import sys
 from typing import Optional, Sequence
 
 from .convert_starflow import ConversionError
-from .writer import DEFAULT_MAX_SHARD_SIZE, DTYPES, convert_checkpoint_to_folder, parse_size
+from .writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    DTYPES,
+    convert_checkpoint_to_folder,
+    convert_checkpoint_to_pipeline_folder,
+    parse_size,
+)
 
 
 PROG = "starflow-convert"
@@ -35,11 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Convert an original STARFlow / STARFlow-V checkpoint and its training YAML into a folder "
-        "loadable with StarFlowVTransformer.from_pretrained.",
+        "loadable with StarFlowVPipeline.from_pretrained (video) or StarFlowPipeline.from_pretrained (image), "
+        "or, with --transformer-only, StarFlowVTransformer.from_pretrained.",
     )
     parser.add_argument("--checkpoint", required=True, help="original state dict (.pth, or .safetensors)")
     parser.add_argument("--config", required=True, help="original YAML with its `arguments:` list")
-    parser.add_argument("--output", required=True, help="folder to write (config.json + safetensors)")
+    parser.add_argument("--output", required=True, help="folder to write")
+    parser.add_argument("--vae", help="diffusers VAE folder (or a pipeline folder with vae/): Wan2.2 for video, SD-VAE for image")
+    parser.add_argument("--text-encoder", help="T5 encoder folder (or a pipeline folder with text_encoder/), e.g. flan-t5-xl")
+    parser.add_argument("--tokenizer", help="tokenizer folder (or a pipeline folder with tokenizer/)")
+    parser.add_argument(
+        "--transformer-only", action="store_true", help="write only the transformer folder (config.json + safetensors)"
+    )
     parser.add_argument(
         "--dtype", choices=list(DTYPES), default="fp32", help="dtype of the written weights (default: fp32)"
     )
@@ -66,16 +82,17 @@ def _fail(message: str, code: int) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    components = dict(vae_path=args.vae, text_encoder_path=args.text_encoder, tokenizer_path=args.tokenizer)
+    if args.transformer_only and any(components.values()):
+        parser.error("--transformer-only writes no --vae/--text-encoder/--tokenizer; drop one or the other")
+    common = dict(torch_dtype=DTYPES[args.dtype], overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     try:
-        summary = convert_checkpoint_to_folder(
-            args.checkpoint,
-            args.config,
-            args.output,
-            torch_dtype=DTYPES[args.dtype],
-            overwrite=args.overwrite,
-            max_shard_size=args.max_shard_size,
-        )
+        if args.transformer_only:
+            summary = convert_checkpoint_to_folder(args.checkpoint, args.config, args.output, **common)
+        else:
+            summary = convert_checkpoint_to_pipeline_folder(args.checkpoint, args.config, args.output, **components, **common)
     except ConversionError as e:
         return _fail(str(e), EXIT_USER_ERROR)
     except OSError as e:
@@ -86,6 +103,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"wrote {summary['num_tensors']} tensors ({_human_size(summary['total_size'])}, {args.dtype}) in "
         f"{len(summary['files'])} file(s) to {args.output}"
     )
+    if "pipeline" in summary:
+        parts = ", ".join(["transformer", "scheduler", *summary["components"]])
+        print(f"{summary['pipeline']} folder with {parts}")
     return 0
 
 

@@ -144,6 +144,24 @@ def transformer_config_from_original(args: Mapping[str, Any], text_embed_dim: Op
     )
 
 
+def pipeline_config_from_original(args: Mapping[str, Any]) -> Dict[str, Any]:
+    """Conditioning settings of the original YAML as pipeline config values (`register_to_config` fields).
+
+    Video models get `StarFlowVPipeline` settings, image models `StarFlowPipeline` settings."""
+    common = dict(
+        noise_level_conditioning=bool(args.get("cond_noise_level", 0)),
+        aspect_ratio_conditioning=bool(args.get("mix_aspect", 0)),
+        base_frame_size=int(args["img_size"]),
+        max_text_length=int(args["txt_size"]),
+    )
+    if int(args.get("temporal_causal", 0)) <= 0:
+        return common
+    vae = str(args.get("vae") or "none")
+    # the release writes the latent temporal scale after the VAE name: "Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6"
+    scale = float(vae.rsplit(":", 1)[1]) if ":" in vae else 1.0
+    return dict(common, fps_conditioning=bool(args.get("fps_cond", 0)), latent_temporal_scale=scale)
+
+
 def is_deprecated_key(key: str) -> bool:
     return any(p.match(key) for p in DEPRECATED_KEY_PATTERNS)
 

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import uuid
-from typing import Any, Dict, Iterator, List, Mapping, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -20,7 +20,14 @@ from tqdm.auto import tqdm
 
 from diffusers.utils.constants import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from .convert_starflow import ConversionError, build_empty_model, check_against_model, load_and_convert_original
+from .convert_starflow import (
+    ConversionError,
+    build_empty_model,
+    check_against_model,
+    load_and_convert_original,
+    load_original_config,
+    pipeline_config_from_original,
+)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -192,3 +199,95 @@ def convert_checkpoint_to_folder(
     config, state_dict = load_and_convert_original(checkpoint_path, config_path)
     with staged_output_directory(output_dir, overwrite) as staging:
         return write_transformer_folder(state_dict, config, staging, torch_dtype, max_shard_size)
+
+
+def _component_directory(path: str, flag: str, subfolder: str) -> str:
+    """A component folder, or a pipeline folder holding it in `subfolder` (e.g. a diffusers Wan repo)."""
+    if not os.path.isdir(path):
+        raise ConversionError(f"{flag} {path}: not a directory.")
+    nested = os.path.join(path, subfolder)
+    return nested if os.path.isdir(nested) else path
+
+
+def load_pipeline_components(
+    config: Mapping[str, Any],
+    vae_path: Optional[str] = None,
+    text_encoder_path: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    torch_dtype: torch.dtype = torch.float32,
+) -> Dict[str, Any]:
+    """Load the optional VAE, text encoder and tokenizer, and check that they fit the transformer config."""
+    components: Dict[str, Any] = {"vae": None, "text_encoder": None, "tokenizer": None}
+    if vae_path is not None:
+        from diffusers import AutoencoderKL, AutoencoderKLWan
+
+        vae_class = AutoencoderKLWan if config["is_video"] else AutoencoderKL
+        try:
+            vae = vae_class.from_pretrained(_component_directory(vae_path, "--vae", "vae"))
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise ConversionError(f"--vae {vae_path}: cannot load a {vae_class.__name__}: {e}") from e
+        channels = vae.config.z_dim if config["is_video"] else vae.config.latent_channels
+        if channels != config["in_channels"]:
+            raise ConversionError(
+                f"--vae {vae_path} has {channels} latent channels; the checkpoint expects {config['in_channels']}."
+            )
+        components["vae"] = vae
+    if text_encoder_path is not None:
+        from transformers import T5EncoderModel
+
+        try:
+            encoder = T5EncoderModel.from_pretrained(_component_directory(text_encoder_path, "--text-encoder", "text_encoder"))
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise ConversionError(f"--text-encoder {text_encoder_path}: cannot load a T5 encoder: {e}") from e
+        if encoder.config.d_model != config["text_embed_dim"]:
+            raise ConversionError(
+                f"--text-encoder {text_encoder_path} outputs {encoder.config.d_model} dims; the checkpoint's text "
+                f"projection expects {config['text_embed_dim']}."
+            )
+        components["text_encoder"] = encoder.to(torch_dtype)
+    if tokenizer_path is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            components["tokenizer"] = AutoTokenizer.from_pretrained(_component_directory(tokenizer_path, "--tokenizer", "tokenizer"))
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise ConversionError(f"--tokenizer {tokenizer_path}: cannot load a tokenizer: {e}") from e
+    if (components["text_encoder"] is None) != (components["tokenizer"] is None):
+        raise ConversionError("pass --text-encoder and --tokenizer together (prompts need both).")
+    return components
+
+
+def convert_checkpoint_to_pipeline_folder(
+    checkpoint_path: str,
+    config_path: str,
+    output_dir: str,
+    vae_path: Optional[str] = None,
+    text_encoder_path: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    torch_dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+) -> Dict[str, Any]:
+    """Convert into a pipeline folder (`StarFlowVPipeline` for video models, `StarFlowPipeline` for image
+    models): model_index.json with the original conditioning settings, transformer/, scheduler/ and the given
+    vae/, text_encoder/, tokenizer/. The transformer is never materialised: its weights stream to disk."""
+    from ..pipelines import StarFlowPipeline, StarFlowVPipeline
+    from ..schedulers import JacobiFlowScheduler
+
+    parse_size(max_shard_size)
+    check_output_directory(output_dir, overwrite)
+    config, state_dict = load_and_convert_original(checkpoint_path, config_path)
+    pipeline_config = pipeline_config_from_original(load_original_config(config_path))
+    components = load_pipeline_components(config, vae_path, text_encoder_path, tokenizer_path, torch_dtype)
+    pipeline_class = StarFlowVPipeline if config["is_video"] else StarFlowPipeline
+    scheduler = JacobiFlowScheduler()
+    # a meta-device transformer: the pipeline object only serves to write model_index.json
+    pipeline = pipeline_class(transformer=build_empty_model(config), scheduler=scheduler, **components, **pipeline_config)
+    with staged_output_directory(output_dir, overwrite) as staging:
+        pipeline.save_config(staging)
+        scheduler.save_pretrained(os.path.join(staging, "scheduler"))
+        for name, component in components.items():
+            if component is not None:
+                component.save_pretrained(os.path.join(staging, name))
+        summary = write_transformer_folder(state_dict, config, os.path.join(staging, "transformer"), torch_dtype, max_shard_size)
+    return dict(summary, pipeline=pipeline_class.__name__, components=[k for k, v in components.items() if v is not None])

@@ -113,13 +113,7 @@ class StarFlowVImageToVideoPipeline(StarFlowVPipeline):
         frames = self._load_frames(image, video)
         if frames is not None and self.vae is None and channels != 3:
             raise ValueError("Encoding `image`/`video` needs a VAE; pass `image_latents`/`video_latents` instead.")
-        if denoise == "auto":
-            denoise = "learned" if self.transformer.has_denoiser else "score"
-        if denoise == "learned" and not self.transformer.has_denoiser:
-            raise ValueError("`denoise='learned'` needs a model with a learned denoiser; use 'score' or 'none'.")
-        self._guidance_scale = guidance_scale
-        self._attention_kwargs = attention_kwargs
-        self._interrupt = False
+        denoise = self._start_call(guidance_scale, attention_kwargs, denoise)
         device = self._execution_device
 
         if context is not None and latents is None and (height is None or width is None):

@@ -87,13 +87,7 @@ class StarFlowVVideoToVideoPipeline(StarFlowVPipeline):
         channels = self.transformer.config.in_channels
         if video_latents is not None and (video_latents.ndim != 5 or video_latents.shape[1] != channels):
             raise ValueError(f"`video_latents` must be (batch, {channels}, frames, height, width), got {tuple(video_latents.shape)}.")
-        if denoise == "auto":
-            denoise = "learned" if self.transformer.has_denoiser else "score"
-        if denoise == "learned" and not self.transformer.has_denoiser:
-            raise ValueError("`denoise='learned'` needs a model with a learned denoiser; use 'score' or 'none'.")
-        self._guidance_scale = guidance_scale
-        self._attention_kwargs = attention_kwargs
-        self._interrupt = False
+        denoise = self._start_call(guidance_scale, attention_kwargs, denoise)
         device = self._execution_device
 
         if video_latents is None:

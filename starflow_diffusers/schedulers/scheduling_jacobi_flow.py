@@ -159,6 +159,10 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         total = num_frames * tokens_per_frame
         if prefix_tokens < 0 or prefix_tokens >= total:
             raise ValueError(f"`prefix_tokens` must be in [0, {total}), got {prefix_tokens}.")
+        if window_frames is not None and self.config.context_frames >= window_frames:
+            raise ValueError(
+                f"`context_frames` ({self.config.context_frames}) must be smaller than the window ({window_frames})."
+            )
         sequential = self.config.mode == "sequential"
         window = None if window_frames is None else window_frames * tokens_per_frame
         context = None if window is None else self.config.context_frames * tokens_per_frame
@@ -232,14 +236,17 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         """One fixed-point update of `chunk`: u = shift + scale * z, written into `sample` (in place).
 
         Args:
-            model_output: float32 (shift, scale) of the chunk; with guidance_weight > 0 they hold the
-                [conditional; unconditional] batch and are combined with `flow_guidance`.
+            model_output: float32 (shift, scale) of the chunk; when they hold twice the sample's batch, they
+                are the [conditional; unconditional] halves, combined by `flow_guidance` with `guidance_weight`.
             sample: the (B, N, D) float32 token state; unsolved tokens hold any initial guess.
             noise: the (B, N, D) noise z being inverted.
         """
         shift, scale = model_output
-        if guidance_weight > 0:
+        if shift.shape[0] == 2 * sample.shape[0]:
+            # a [conditional; unconditional] batch: guided even at weight 0 (which keeps the conditional half)
             shift, scale = flow_guidance(shift, scale, guidance_weight)
+        elif shift.shape[0] != sample.shape[0]:
+            raise ValueError(f"`model_output` batch {shift.shape[0]} must be the sample batch {sample.shape[0]} or twice it.")
         new = shift + scale * noise[:, chunk.start : chunk.end]
         old = sample[:, chunk.start : chunk.end]
         residual = (new - old).square().mean() / new.square().mean()

@@ -109,6 +109,7 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
     ):
         self._validate(mode, block_size, later_block_multiplier, max_iterations, threshold, local_window, context_frames)
         self.chunks: List[FlowChunk] = []
+        self.window_frames: Optional[int] = None
         self.timesteps = torch.zeros(0, dtype=torch.long)
 
     @staticmethod

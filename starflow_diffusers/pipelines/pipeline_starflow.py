@@ -17,6 +17,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..loaders import StarFlowVLoraLoaderMixin
 from ..models.transformer_starflow_v import StarFlowVTransformer
 from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
 from .starflow_sampling import StarFlowSamplingMixin, closest_trained_aspect_ratio, parse_aspect_ratio
@@ -38,7 +39,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin):
+class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLoaderMixin):
     r"""
     Text-to-image generation (and image likelihoods) with STARFlow.
 

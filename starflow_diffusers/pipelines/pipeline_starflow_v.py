@@ -21,6 +21,7 @@ from diffusers.utils import BaseOutput, load_video, logging
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from ..loaders import StarFlowVLoraLoaderMixin
 from ..models.transformer_starflow_v import StarFlowVTransformer
 from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
 from .starflow_sampling import (
@@ -74,7 +75,7 @@ class StarFlowVPipelineOutput(BaseOutput):
     frames: Union[torch.Tensor, np.ndarray, List[List[Any]]]
 
 
-class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin):
+class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLoaderMixin):
     r"""
     Text-to-video generation with STARFlow-V.
 

@@ -1,0 +1,1 @@
+from .lora_pipeline import StarFlowVLoraLoaderMixin

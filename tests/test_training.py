@@ -108,3 +108,123 @@ def test_first_frame_drop_prefixes_extend():
     assert one_frame.shape[2] == 1 and captions == ["a", "b"]
     with pytest.raises(ValueError, match="first-frame drop"):
         drop_first_frame(latents, ["a", "b"], -0.1)
+
+
+# ---- synthetic dataset ----------------------------------------------------------------------------------------
+
+from starflow_diffusers.training import synthetic  # noqa: E402
+from starflow_diffusers.training.data import (  # noqa: E402
+    VideoCaptionDataset,
+    collate_clips,
+    frame_indices,
+    resize_center_crop,
+    scan_data_dir,
+)
+
+
+def _colour_centroid(frame, colour):
+    mask = (abs(frame.astype(int) - colour).sum(-1) < 60)
+    ys, xs = mask.nonzero()
+    return xs.mean(), ys.mean(), mask.sum()
+
+
+def test_synthetic_clips_are_deterministic_and_move_as_captioned():
+    clips = synthetic.generate_clips(12, "train", size=32, num_frames=9, seed=3)
+    again = synthetic.generate_clips(4, "train", size=32, num_frames=9, seed=3, start_index=8)
+    for a, b in zip(clips[8:], again):
+        assert a.caption == b.caption and (a.frames == b.frames).all()
+    assert synthetic.generate_clips(1, seed=4)[0].caption != clips[0].caption or not (
+        synthetic.generate_clips(1, seed=4)[0].frames == clips[0].frames
+    ).all()
+    for clip in clips:
+        assert clip.frames.shape == (9, 32, 32, 3) and clip.frames.dtype == "uint8"
+        assert clip.caption.startswith(("a ", "an "))
+        for obj in clip.spec.objects:
+            assert f"{obj.colour} {obj.shape} moving {obj.direction}" in clip.caption
+            colour = synthetic.COLOURS[obj.colour]
+            x0, y0, n0 = _colour_centroid(clip.frames[0], colour)
+            x1, y1, n1 = _colour_centroid(clip.frames[-1], colour)
+            assert n0 > 10 and n1 > 10, "the object is visible in the first and last frames"
+            dx, dy = synthetic.DIRECTIONS[obj.direction]
+            assert (x1 - x0) * dx + (y1 - y0) * dy > 2, clip.caption
+
+
+def test_synthetic_test_split_holds_only_unseen_colour_shape_pairs():
+    held_out = set(synthetic.held_out_pairs())
+    assert {shape for _, shape in held_out} == set(synthetic.SHAPES)
+    train = {(o.colour, o.shape) for c in synthetic.generate_clips(200, "train") for o in c.spec.objects}
+    test = {(o.colour, o.shape) for c in synthetic.generate_clips(50, "test") for o in c.spec.objects}
+    assert test <= held_out and not (train & held_out)
+    assert {colour for colour, _ in train} == set(synthetic.COLOURS)
+    with pytest.raises(ValueError, match="split"):
+        synthetic.generate_clips(1, "validation")
+
+
+def test_write_dataset_and_read_it_back_exactly(tmp_path):
+    out = tmp_path / "shapes"
+    synthetic.main([str(out), "--num_train", "3", "--num_test", "2", "--num_frames", "9"])
+    lines = [json.loads(line) for line in (out / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert [line["file_name"] for line in lines] == ["00000.mp4", "00001.mp4", "00002.mp4"]
+    clips = synthetic.generate_clips(3, "train", num_frames=9)
+    assert [line["text"] for line in lines] == [clip.caption for clip in clips]
+    dataset = VideoCaptionDataset(str(out / "train"), 32, 32, num_frames=9, fps=16)
+    item = dataset[1]
+    assert item["caption"] == clips[1].caption and item["pixels"].shape == (3, 9, 32, 32)
+    decoded = (item["pixels"].permute(1, 2, 3, 0) + 1) * 127.5
+    assert (decoded - torch.from_numpy(clips[1].frames).float()).abs().max() <= 2.0, "lossless mp4"
+    assert len(VideoCaptionDataset(str(out / "test"), 32, 32, num_frames=9)) == 2
+    with pytest.raises(ValueError, match="not empty"):
+        synthetic.write_dataset(str(out), 1, 1)
+
+
+# ---- data folder -----------------------------------------------------------------------------------------------
+
+
+def test_fps_sampling_and_center_crop():
+    assert frame_indices(4, 32.0, 16) == [0, 2, 4, 6]
+    assert frame_indices(3, 24.0, None) == [0, 1, 2]
+    frame = torch.arange(40 * 80 * 3, dtype=torch.uint8).reshape(40, 80, 3).numpy()
+    assert resize_center_crop(frame, 20, 20).shape == (20, 20, 3)
+    wide = resize_center_crop(frame, 40, 40)
+    assert (wide == frame[:, 20:60]).all(), "no resize needed: a pure centre crop"
+
+
+def _write_clip(path, num_frames, fps=16, size=32):
+    synthetic.write_video(str(path), synthetic.generate_clips(1, num_frames=num_frames, size=size)[0].frames, fps)
+
+
+def test_corrupt_and_short_videos_are_skipped_and_counted(tmp_path, caplog):
+    _write_clip(tmp_path / "good.mp4", 9)
+    _write_clip(tmp_path / "short.mp4", 3)
+    (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "still.png"), (torch.rand(40, 50, 3) * 255).byte().numpy())
+    for name in ("good", "short", "corrupt", "still"):
+        (tmp_path / f"{name}.txt").write_text(f"caption of {name}\n")
+    dataset = VideoCaptionDataset(str(tmp_path), 32, 32, num_frames=9, fps=16)
+    assert dataset.num_skipped == 2 and {p.split("/")[-1] for p in dataset.skipped} == {"short.mp4", "corrupt.mp4"}
+    items = {dataset[i]["caption"]: dataset[i]["pixels"].shape for i in range(len(dataset))}
+    assert items == {"caption of good": (3, 9, 32, 32), "caption of still": (3, 1, 32, 32)}
+    with pytest.raises(ValueError, match="different shapes"):
+        collate_clips([dataset[0], dataset[1]])
+
+    # a file that breaks after the scan is skipped at load time, not raised mid-epoch
+    (tmp_path / "good.mp4").write_bytes(b"garbage")
+    assert dataset[0]["caption"] == "caption of still" and dataset.num_skipped == 3
+
+
+def test_captions_from_metadata_and_missing_captions(tmp_path):
+    _write_clip(tmp_path / "a.mp4", 9)
+    (tmp_path / "sub").mkdir()
+    _write_clip(tmp_path / "sub" / "b.mp4", 9)
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.mp4", "caption": "from metadata"}) + "\n")
+    with pytest.raises(ValueError, match=r"1 file\(s\).*sub/b.mp4"):
+        scan_data_dir(str(tmp_path))
+    (tmp_path / "sub" / "b.txt").write_text("from sidecar")
+    assert [m.caption for m in scan_data_dir(str(tmp_path))] == ["from metadata", "from sidecar"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no videos"):
+        scan_data_dir(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="not a directory"):
+        scan_data_dir(str(tmp_path / "missing"))

@@ -199,6 +199,7 @@ class StarFlowVLoraLoaderMixin(LoraBaseMixin):
         os.close(fd)
         try:
             safetensors.torch.save_file(state_dict, tmp_path, metadata=header)
+            os.chmod(tmp_path, 0o644)  # mkstemp makes it private; a saved LoRA is an ordinary file
             os.replace(tmp_path, path)
         except BaseException:
             if os.path.exists(tmp_path):

@@ -303,3 +303,21 @@ def cache_dataset(
     entries = gather(local) if gather is not None and num_processes > 1 else local
     entries = sorted(entries, key=lambda entry: entry[0])
     return CachedClipDataset([{**encoded, "caption": caption} for _, encoded, caption in entries])
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A fresh permutation every epoch, a pure function of (seed, epoch): a resumed run sees the same order
+    as an uninterrupted one. Call `set_epoch` (accelerate's prepared dataloaders forward it) per epoch."""
+
+    def __init__(self, num_items: int, seed: int = 0):
+        self.num_items, self.seed, self.epoch = num_items, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self):
+        order = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_items, generator=order).tolist())

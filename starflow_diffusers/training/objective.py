@@ -56,7 +56,7 @@ def drop_captions(captions: Sequence[str], probability: float, generator: Option
     _check_probability("caption dropout", probability)
     if probability == 0:
         return list(captions)
-    draws = torch.rand(len(captions), generator=generator)
+    draws = torch.rand(len(captions), generator=generator, device=_device_of(generator))
     return ["" if draw < probability else caption for caption, draw in zip(captions, draws.tolist())]
 
 
@@ -72,7 +72,7 @@ def drop_first_frame(
     _check_probability("first-frame drop", probability)
     if probability == 0 or latents.shape[2] < 2:
         return latents, list(captions)
-    if torch.rand((), generator=generator).item() >= probability:
+    if torch.rand((), generator=generator, device=_device_of(generator)).item() >= probability:
         return latents, list(captions)
     return latents[:, :, 1:], [EXTEND_CAPTION_PREFIX + caption for caption in captions]
 
@@ -149,6 +149,10 @@ class StarFlowTrainingModule(nn.Module):
         if denoise:
             return self.transformer.denoise(hidden_states, encoder_hidden_states)
         return self.transformer(hidden_states, encoder_hidden_states)
+
+
+def _device_of(generator: Optional[torch.Generator]) -> Optional[torch.device]:
+    return generator.device if generator is not None else None
 
 
 def _check_probability(name: str, probability: float) -> None:

@@ -935,16 +935,10 @@ def test_softplus_offset_is_identity_at_zero():
     assert logdet.abs().max() < 1e-6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model bug: StarFlowFlowBlock.__init__ leaves proj_out with nn.Linear's random init; the original "
-    "(transformer_flow.py MetaBlock) zero-initialises proj_out.weight, so an untrained block is an elementwise "
-    "affine map (the identity up to proj_out.bias), as the module's INV_SOFTPLUS_ONE comment promises",
-)
 def test_fresh_flow_blocks_start_as_elementwise_maps():
     torch.manual_seed(0)
     model = StarFlowVTransformer(**VIDEO_CONFIG).eval()
-    for block in model.blocks:
+    for block in [*model.blocks, model.denoiser]:
         assert torch.count_nonzero(block.proj_out.weight) == 0
     # then z_j depends on x_j only: changing one element of the input changes only that element of z
     x, text = make_inputs("video")

@@ -271,6 +271,8 @@ class _LayerStack(nn.Module):
         )
         self.norm_out = StarFlowRMSNorm(width)
         self.proj_out = nn.Linear(width, out_features)
+        # a fresh block (or denoiser) starts as an elementwise map: no token mixing until trained
+        nn.init.zeros_(self.proj_out.weight)
         self.gradient_checkpointing = False
 
     @property
@@ -303,7 +305,7 @@ class StarFlowFlowBlock(_LayerStack):
 
     def __init__(self, in_features, width, num_layers, head_dim, mlp_ratio, text_dim, soft_clip, flip):
         super().__init__(in_features, 2 * in_features, width, num_layers, head_dim, mlp_ratio, text_dim, True)
-        self.sos_embed = nn.Parameter(torch.zeros(1, 1, in_features))
+        self.sos_embed = nn.Parameter(torch.randn(1, 1, in_features))
         self.soft_clip = soft_clip
         self.flip = flip
 

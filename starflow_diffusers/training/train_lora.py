@@ -293,7 +293,9 @@ def train(args: argparse.Namespace) -> str:
     for module in (transformer, vae, text_encoder):
         if module is not None:
             module.requires_grad_(False)
-            module.to(device, dtype=weight_dtype)
+            module.to(device)
+            if weight_dtype != torch.float32:
+                module.to(dtype=weight_dtype)
     height, width = args.height or pipe.default_base_frame_size, args.width or pipe.default_base_frame_size
     for name, size in (("height", height), ("width", width)):
         if size % pipe.spatial_multiple:

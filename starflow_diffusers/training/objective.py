@@ -111,6 +111,8 @@ def flow_nll_loss(
             STARFlow-V models): the loss is weighted by sigma / 0.3 as in the original training.
     """
     output = model(noisy_latents, encoder_hidden_states)
+    if isinstance(output, tuple):
+        output = StarFlowVTransformerOutput(*output)
     nll = StarFlowVTransformer.nll_per_sample(output)
     weight = nll_loss_weight(noise_std, noise_level_conditioning)
     loss = (nll * weight if weight is not None else nll).mean()
@@ -137,7 +139,8 @@ def denoiser_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 class StarFlowTrainingModule(nn.Module):
-    """Routes the flow (`denoise=False`) and the learned denoiser (`denoise=True`) through one `forward`."""
+    """Routes the flow (`denoise=False`: the (sample, logdet, block_logdets) tuple) and the learned denoiser
+    (`denoise=True`: its prediction) through one `forward`."""
 
     def __init__(self, transformer: StarFlowVTransformer):
         super().__init__()
@@ -148,7 +151,8 @@ class StarFlowTrainingModule(nn.Module):
     ):
         if denoise:
             return self.transformer.denoise(hidden_states, encoder_hidden_states)
-        return self.transformer(hidden_states, encoder_hidden_states)
+        # a tuple: wrappers that post-process outputs (accelerate's fp32 conversion) rebuild it positionally
+        return self.transformer(hidden_states, encoder_hidden_states, return_dict=False)
 
 
 def _device_of(generator: Optional[torch.Generator]) -> Optional[torch.device]:

@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 # Every component module is imported here so `from_pretrained` can resolve our classes by name.
+from .loaders import StarFlowVLoraLoaderMixin
 from .models import StarFlowKVCache, StarFlowVTransformer, StarFlowVTransformerOutput
 from .pipelines import (
     StarFlowPipeline,

@@ -231,6 +231,8 @@ def test_bad_inputs_fail_early_with_clear_errors(tiny_model_dir, shapes_dir, tmp
     assert "'qkv'" in err and "to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2" in err
     err = _error_of(_train_args(tiny_model_dir, train_dir, tmp_path, "--lr_scheduler", "exotic"), capsys)
     assert "cosine" in err
+    err = _error_of(_train_args(tiny_model_dir, train_dir, tmp_path, "--resume_from_checkpoint", str(tmp_path)), capsys)
+    assert "checkpoint-<step>" in err
 
     transformer = StarFlowVPipeline.from_pretrained(tiny_model_dir).transformer
     with pytest.raises(ValueError, match=r"blocks\.9\.layers\.0\.attn\.to_q.*blocks\.0\.proj_in"):

@@ -173,8 +173,10 @@ def check_args(args: argparse.Namespace) -> None:
         if (args.num_frames - 1) % temporal:
             raise ValueError(f"--num_frames must be {temporal}k+1 with this VAE, got {args.num_frames}.")
 
-    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
-        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is neither 'latest' nor a folder.")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        if not os.path.isdir(args.resume_from_checkpoint):
+            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is neither 'latest' nor a folder.")
+        checkpoint_step(args.resume_from_checkpoint)
 
     from .data import scan_data_dir
 

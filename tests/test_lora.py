@@ -137,6 +137,7 @@ def test_fuse_then_unfuse_restores_the_weights(tmp_path):
     assert (_forward(pipe.transformer) - with_lora).abs().max() <= 1e-6
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`", "ignore:Adapter one was active")
 def test_two_adapters_combine_with_set_adapters(tmp_path):
     source = _pipe()
     _add_random_lora(source.transformer, "one", seed=1)

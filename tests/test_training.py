@@ -3,10 +3,20 @@ loader and the LoRA trainer's argument checks."""
 
 import json
 
+import cv2
+
 import pytest
 import torch
 
 from parity_utils import FORWARD_TOL, converted_model, fixture, max_err, to_diffusers_layout
+from starflow_diffusers.training import synthetic
+from starflow_diffusers.training.data import (
+    VideoCaptionDataset,
+    collate_clips,
+    frame_indices,
+    resize_center_crop,
+    scan_data_dir,
+)
 from starflow_diffusers.training.objective import (
     StarFlowTrainingModule,
     add_training_noise,
@@ -112,16 +122,6 @@ def test_first_frame_drop_prefixes_extend():
 
 # ---- synthetic dataset ----------------------------------------------------------------------------------------
 
-from starflow_diffusers.training import synthetic  # noqa: E402
-from starflow_diffusers.training.data import (  # noqa: E402
-    VideoCaptionDataset,
-    collate_clips,
-    frame_indices,
-    resize_center_crop,
-    scan_data_dir,
-)
-
-
 def _colour_centroid(frame, colour):
     mask = (abs(frame.astype(int) - colour).sum(-1) < 60)
     ys, xs = mask.nonzero()
@@ -197,7 +197,6 @@ def test_corrupt_and_short_videos_are_skipped_and_counted(tmp_path, caplog):
     _write_clip(tmp_path / "good.mp4", 9)
     _write_clip(tmp_path / "short.mp4", 3)
     (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
-    import cv2
 
     cv2.imwrite(str(tmp_path / "still.png"), (torch.rand(40, 50, 3) * 255).byte().numpy())
     for name in ("good", "short", "corrupt", "still"):

@@ -252,7 +252,7 @@ def train(args: argparse.Namespace) -> str:
 
     from ..pipelines.pipeline_starflow_v import StarFlowVPipeline
     from ..pipelines.starflow_sampling import closest_trained_aspect_ratio
-    from .data import CachedClipDataset, EpochShuffleSampler, VideoCaptionDataset, cache_dataset, collate_clips
+    from .data import EpochShuffleSampler, VideoCaptionDataset, cache_dataset, collate_clips
     from .objective import (
         StarFlowTrainingModule,
         add_training_noise,

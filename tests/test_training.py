@@ -1,10 +1,9 @@
-"""The training objective (against the original code's parity numbers), the synthetic dataset, the data
-loader and the LoRA trainer's argument checks."""
+"""The training objective (against the original code's parity numbers), the synthetic dataset and the
+captioned video folder dataset."""
 
 import json
 
 import cv2
-
 import pytest
 import torch
 
@@ -193,7 +192,7 @@ def _write_clip(path, num_frames, fps=16, size=32):
     synthetic.write_video(str(path), synthetic.generate_clips(1, num_frames=num_frames, size=size)[0].frames, fps)
 
 
-def test_corrupt_and_short_videos_are_skipped_and_counted(tmp_path, caplog):
+def test_corrupt_and_short_videos_are_skipped_and_counted(tmp_path):
     _write_clip(tmp_path / "good.mp4", 9)
     _write_clip(tmp_path / "short.mp4", 3)
     (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")

@@ -9,7 +9,7 @@ import torch
 from parity_utils import PARITY_DIR, converted_model
 from starflow_diffusers import StarFlowPipeline, StarFlowVPipeline
 from starflow_diffusers.conversion.__main__ import main
-from starflow_diffusers.testing_utils import tiny_text_encoder, tiny_tokenizer
+from starflow_diffusers.testing_utils import tiny_image_vae, tiny_text_encoder, tiny_tokenizer
 
 VIDEO = [str(PARITY_DIR / "video_tiny.pth"), str(PARITY_DIR / "video_tiny.yaml")]
 IMAGE = [str(PARITY_DIR / "image_tiny.pth"), str(PARITY_DIR / "image_tiny.yaml")]
@@ -31,6 +31,7 @@ def component_dirs(tmp_path_factory):
     AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
                      scale_factor_spatial=2, scale_factor_temporal=2,
                      latents_mean=[0.0] * 4, latents_std=[1.0] * 4).save_pretrained(root / "vae")
+    tiny_image_vae().save_pretrained(root / "sd_vae")
     # a 48-channel VAE, which does not fit the 4-channel checkpoint
     AutoencoderKLWan(base_dim=8, z_dim=48, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
                      latents_mean=[0.0] * 48, latents_std=[1.0] * 48).save_pretrained(root / "wide_vae")
@@ -56,6 +57,18 @@ def test_video_pipeline_folder_loads_and_generates(tmp_path, component_dirs):
     frames = pipe("a red circle", height=4 * pipe.vae_scale_factor_spatial, width=4 * pipe.vae_scale_factor_spatial,
                   num_frames=5, generator=torch.Generator().manual_seed(0)).frames
     assert frames.shape[0] == 1 and frames.shape[-1] == 3 and np.isfinite(frames).all()
+
+
+def test_image_pipeline_folder_with_sd_vae_generates(tmp_path, component_dirs):
+    out = tmp_path / "image_pipe"
+    code = _cli(*IMAGE, out, "--vae", component_dirs / "sd_vae", "--text-encoder", component_dirs / "text_encoder",
+                "--tokenizer", component_dirs / "tokenizer")
+    assert code == 0
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StarFlowPipeline"
+    pipe = StarFlowPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a red circle", height=8, width=8, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, 8, 8, 3) and np.isfinite(images).all()
 
 
 def test_image_pipeline_folder_without_components(tmp_path):

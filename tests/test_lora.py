@@ -17,7 +17,7 @@ from starflow_diffusers import StarFlowPipeline, StarFlowVImageToVideoPipeline, 
 from starflow_diffusers.loaders import StarFlowVLoraLoaderMixin
 from starflow_diffusers.testing_utils import tiny_pipeline_components, tiny_transformer
 from starflow_diffusers.training import synthetic
-from starflow_diffusers.training.data import VideoCaptionDataset
+from starflow_diffusers.training.data import VideoCaptionDataset, read_video
 from starflow_diffusers.training.train_lora import parse_args, resolve_target_modules, train
 
 
@@ -264,8 +264,11 @@ def test_thirty_lora_steps_lower_heldout_bits_per_dim(tiny_model_dir, shapes_dir
     lora_path = train(parse_args(_train_args(
         tiny_model_dir, os.path.join(shapes_dir, "train"), output_dir, "--max_train_steps", "30",
         "--train_batch_size", "2", "--learning_rate", "2e-3", "--checkpointing_steps", "1000", "--train_denoiser",
+        "--validation_prompt", "a red circle moving left", "--validation_steps", "30",
     )))
     assert lora_path == str(output_dir / "pytorch_lora_weights.safetensors") and os.path.isfile(lora_path)
+    assert os.listdir(output_dir / "validation") == ["step-000030.mp4"]
+    assert read_video(str(output_dir / "validation" / "step-000030.mp4"), 9, None).shape == (9, 32, 32, 3)
     base = _heldout_bits_per_dim(tiny_model_dir, shapes_dir)
     tuned = _heldout_bits_per_dim(tiny_model_dir, shapes_dir, output_dir)
     print(f"\nheld-out bits/dim: base {base:.4f}, after 30 LoRA steps {tuned:.4f}")

@@ -31,6 +31,7 @@ setup(
     entry_points={
         "console_scripts": [
             "starflow-convert=starflow_diffusers.conversion.__main__:main",
+            "starflow-train=starflow_diffusers.training.train:main",
             "starflow-train-lora=starflow_diffusers.training.train_lora:main",
         ]
     },

@@ -7,6 +7,7 @@ import torch
 
 from .models.transformer_starflow_v import StarFlowVTransformer
 from .schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
+from .training.text import word_level_tokenizer
 
 TINY_VOCABULARY = (
     "a an the video with fps image noise level in aspect ratio of and on is "
@@ -17,21 +18,7 @@ TINY_VOCABULARY = (
 
 def tiny_tokenizer(vocabulary: Iterable[str] = TINY_VOCABULARY):
     """A T5-style word-level tokenizer (pad 0, eos 1, unk 2) built in memory."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in vocabulary:
-        vocab.setdefault(word, len(vocab))
-    for digit in "0123456789:":
-        vocab.setdefault(digit, len(vocab))
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
-    )
+    return word_level_tokenizer(vocabulary)
 
 
 def tiny_text_encoder(vocab_size: int, d_model: int = 16, seed: int = 0):

@@ -15,7 +15,7 @@ Write a dataset folder (`<out>/train`, `<out>/test`, each with lossless mp4 file
 
     python -m starflow_diffusers.training.synthetic OUTPUT_DIR --num_train 256 --num_test 64
 
-or get clips in memory with `generate_clips`.
+or get clips in memory with `generate_clips` (or, for the trainers, `SyntheticClipDataset`).
 """
 
 import argparse
@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+import torch
 
 
 SHAPES = ("circle", "square", "triangle")
@@ -216,6 +217,31 @@ def generate_clips(
         frames = render_clip(spec, size, num_frames, seed=int(rng.integers(2**31)))
         clips.append(SyntheticClip(frames, spec.caption, spec))
     return clips
+
+
+class SyntheticClipDataset(torch.utils.data.Dataset):
+    """Clips 0 ... num_clips - 1 of a split, rendered on demand (about 2 ms each), as the trainers' items
+    {"pixels": (3, T, size, size) float32 in [-1, 1], "caption": str}."""
+
+    def __init__(
+        self, num_clips: int, split: str = "train", size: int = 32, num_frames: int = 17, seed: int = 0,
+        max_objects: int = 2,
+    ):
+        if num_clips < 1:
+            raise ValueError(f"`num_clips` must be >= 1, got {num_clips}.")
+        _check_choice("split", split, SPLITS)
+        self.num_clips, self.split, self.size, self.num_frames = num_clips, split, size, num_frames
+        self.seed, self.max_objects = seed, max_objects
+
+    def __len__(self) -> int:
+        return self.num_clips
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.num_clips:
+            raise IndexError(f"clip {index} of a dataset of {self.num_clips}")
+        (clip,) = generate_clips(1, self.split, self.size, self.num_frames, self.seed, self.max_objects, start_index=index)
+        pixels = torch.from_numpy(clip.frames).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+        return {"pixels": pixels, "caption": clip.caption}
 
 
 def write_video(path: str, frames: np.ndarray, fps: float) -> None:

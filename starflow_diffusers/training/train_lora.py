@@ -17,15 +17,13 @@ stopped. Every random draw of a step (noise, VAE sample, caption and frame drops
 import argparse
 import json
 import logging
-import math
 import os
-import re
-import shutil
 import sys
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
+
+from .loop import checkpoint_step
 
 
 logger = logging.getLogger("starflow_diffusers.train_lora")
@@ -34,7 +32,6 @@ logger = logging.getLogger("starflow_diffusers.train_lora")
 LAYER_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 REPORT_TO_CHOICES = ("auto", "tensorboard", "wandb", "none")
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 ADAPTER_NAME = "default"
 
 
@@ -211,27 +208,6 @@ def resolve_target_modules(transformer, names: Optional[Sequence[str]], train_de
     return sorted(set(targets))
 
 
-def list_checkpoints(output_dir: str) -> List[str]:
-    """Complete checkpoint folders, oldest first (incomplete ones are hidden `.checkpoint-N.tmp` folders)."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = [(int(m.group(1)), d) for d in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(d))]
-    return [os.path.join(output_dir, d) for _, d in sorted(found)]
-
-
-def checkpoint_step(path: str) -> int:
-    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
-    if match is None:
-        raise ValueError(f"--resume_from_checkpoint {path!r} is not a checkpoint-<step> folder.")
-    return int(match.group(1))
-
-
-def step_generator(seed: int, micro_step: int, process_index: int, device) -> torch.Generator:
-    """The generator of one micro-batch: a pure function of (seed, micro step, process)."""
-    state = np.random.SeedSequence([seed, micro_step, process_index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state) & (2**63 - 1))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     train(args)
@@ -248,20 +224,18 @@ def train(args: argparse.Namespace) -> str:
     from diffusers.training_utils import cast_training_params
     from diffusers.utils import export_to_video
     from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-    from tqdm.auto import tqdm
 
     from ..pipelines.pipeline_starflow_v import StarFlowVPipeline
     from ..pipelines.starflow_sampling import closest_trained_aspect_ratio
     from .data import EpochShuffleSampler, VideoCaptionDataset, cache_dataset, collate_clips
-    from .objective import (
-        StarFlowTrainingModule,
-        add_training_noise,
-        denoiser_loss,
-        drop_captions,
-        drop_first_frame,
-        flow_nll_loss,
-        flow_score_target,
+    from .loop import (
+        FlowStepSettings,
+        remove_incomplete_checkpoints,
+        resume_from_checkpoint,
+        run_training_loop,
+        save_checkpoint,
     )
+    from .objective import StarFlowTrainingModule
 
     report_to = args.report_to
     if report_to == "auto":
@@ -382,29 +356,12 @@ def train(args: argparse.Namespace) -> str:
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        # leftovers of a run killed mid-save are incomplete by construction
-        for name in os.listdir(args.output_dir):
-            if name.startswith(".checkpoint-") and name.endswith(".tmp"):
-                shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+        remove_incomplete_checkpoints(args.output_dir)
         if report_to != "none":
             accelerator.init_trackers("starflow-lora", config={k: str(v) for k, v in vars(args).items()})
-
-    global_step = 0
-    if args.resume_from_checkpoint:
-        path = args.resume_from_checkpoint
-        if path == "latest":
-            checkpoints = list_checkpoints(args.output_dir)
-            path = checkpoints[-1] if checkpoints else None
-        if path is None:
-            logger.info(f"No checkpoint in {args.output_dir}; starting a new run.")
-        else:
-            global_step = checkpoint_step(path)
-            logger.info(f"Resuming from {path} (step {global_step})")
-            accelerator.load_state(path)
+    global_step = resume_from_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint, logger)
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
@@ -430,21 +387,6 @@ def train(args: argparse.Namespace) -> str:
         os.replace(tmp_path, path)
         logger.info(f"Validation video: {path}")
 
-    def save_checkpoint(step: int) -> None:
-        final = os.path.join(args.output_dir, f"checkpoint-{step}")
-        staging = os.path.join(args.output_dir, f".checkpoint-{step}.tmp")
-        accelerator.save_state(staging)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(staging, final)
-            if args.checkpoints_total_limit is not None:
-                for old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-                    shutil.rmtree(old)
-            logger.info(f"Saved {final}")
-        accelerator.wait_for_everyone()
-
     def model_inputs(batch, generator) -> torch.Tensor:
         """Model-space latents of a batch (VAE sample drawn with the step's generator)."""
         if "latent_parameters" in batch:
@@ -456,78 +398,30 @@ def train(args: argparse.Namespace) -> str:
         latents = vae.encode(pixels.to(weight_dtype)).latent_dist.sample(generator=generator)
         return pipe.normalize_latents(latents.float())
 
-    transformer.train()
-    first_epoch = global_step // updates_per_epoch
-    skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
-    progress = tqdm(
-        total=args.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
-    window = {"loss": [], "bits_per_dim": [], "denoiser_loss": []}
-    for epoch in range(first_epoch, num_epochs):
-        dataloader.set_epoch(epoch)
-        batches = dataloader
-        if epoch == first_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(dataloader, skip_batches)
-        for batch_index, batch in enumerate(batches, start=skip_batches if epoch == first_epoch else 0):
-            generator = step_generator(args.seed, epoch * len(dataloader) + batch_index, accelerator.process_index, device)
-            with accelerator.accumulate(training_module):
-                with torch.no_grad():
-                    latents = model_inputs(batch, generator)
-                    latents, captions = drop_first_frame(latents, batch["caption"], args.drop_first_frame, generator)
-                    captions = drop_captions(captions, args.caption_dropout, generator)
-                    prompt_embeds, _ = pipe.encode_prompt(
-                        captions, do_classifier_free_guidance=False, fps=args.fps, aspect_ratio=aspect_ratio,
-                        device=device,
-                    )
-                    noisy = add_training_noise(latents, noise_std, generator)
-                noisy.requires_grad_(args.train_denoiser)
-                with accelerator.autocast():
-                    flow = flow_nll_loss(
-                        training_module, noisy, prompt_embeds, noise_std, pipe.config.noise_level_conditioning
-                    )
-                accelerator.backward(flow.loss)
-                window["loss"].append(flow.loss.detach())
-                window["bits_per_dim"].append(flow.bits_per_dim.mean())
-                if args.train_denoiser:
-                    # accelerate divided the loss by the accumulation steps and, in fp16, scaled it
-                    grad_scale = 1.0 / args.gradient_accumulation_steps
-                    if accelerator.scaler is not None:
-                        grad_scale *= accelerator.scaler.get_scale()
-                    target = flow_score_target(noisy.grad, noise_std, grad_scale)
-                    with accelerator.autocast():
-                        prediction = training_module(noisy.detach(), prompt_embeds, denoise=True)
-                    loss_denoiser = denoiser_loss(prediction, target)
-                    accelerator.backward(loss_denoiser)
-                    window["denoiser_loss"].append(loss_denoiser.detach())
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    # clipped separately: the two losses live on different scales
-                    for params in (flow_params, denoiser_params):
-                        if params:
-                            accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+    def on_update(step: int, logs: Dict[str, float]) -> None:
+        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
+        if args.validation_prompt and step % args.validation_steps == 0:
+            if accelerator.is_main_process:
+                run_validation(step)
+            accelerator.wait_for_everyone()
 
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            logs = {k: accelerator.reduce(torch.stack(v).mean(), "mean").item() for k, v in window.items() if v}
-            logs["lr"] = lr_scheduler.get_last_lr()[0]
-            window = {k: [] for k in window}
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", bpd=f"{logs['bits_per_dim']:.4f}")
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                save_checkpoint(global_step)
-            if args.validation_prompt and global_step % args.validation_steps == 0:
-                if accelerator.is_main_process:
-                    run_validation(global_step)
-                accelerator.wait_for_everyone()
-            if global_step >= args.max_train_steps:
-                break
-        if global_step >= args.max_train_steps:
-            break
-    progress.close()
+    settings = FlowStepSettings(
+        noise_std=noise_std,
+        noise_level_conditioning=pipe.config.noise_level_conditioning,
+        fps=args.fps,
+        aspect_ratio=aspect_ratio,
+        caption_dropout=args.caption_dropout,
+        drop_first_frame=args.drop_first_frame,
+        train_denoiser=args.train_denoiser,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+    )
+    transformer.train()
+    global_step = run_training_loop(
+        accelerator, training_module, pipe, dataloader, optimizer, lr_scheduler, [flow_params, denoiser_params],
+        settings, model_inputs, args.max_train_steps, args.seed, global_step, on_update,
+    )
 
     accelerator.wait_for_everyone()
     lora_path = save_lora(args.output_dir)

@@ -1,0 +1,236 @@
+# Copyright 2025 The starflow-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""The accelerate training loop shared by `starflow-train` (full training) and `starflow-train-lora`.
+
+`run_training_loop` runs epochs of micro-batches until `max_train_steps` optimizer updates: each micro-batch
+applies the shared objective (`training.objective`: first-frame and caption drops, noise augmentation,
+flow NLL and, optionally, the denoiser's flow-score matching), gradients are clipped per parameter group
+and the trainer's `on_update(step, logs)` saves checkpoints and runs validation. Every random draw of a
+micro-batch comes from `step_generator(seed, micro step, process)`, and checkpoints record the update
+count, so a resumed run reproduces an uninterrupted one.
+"""
+
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .objective import (
+    add_training_noise,
+    denoiser_loss,
+    drop_captions,
+    drop_first_frame,
+    flow_nll_loss,
+    flow_score_target,
+)
+
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class FlowStepSettings:
+    """What one micro-batch of the objective needs besides the data.
+
+    Args:
+        noise_std (`float`): the model's training noise level sigma.
+        noise_level_conditioning (`bool`): the pipeline states sigma in its prompts (weights the NLL).
+        fps (`int`), aspect_ratio (`str`): the values the prompt template states.
+        caption_dropout (`float`), drop_first_frame (`float`): augmentation probabilities.
+        train_denoiser (`bool`): also fit the learned denoiser to the flow's score.
+        gradient_accumulation_steps (`int`): micro-batches per optimizer update.
+        max_grad_norm (`float`): per-group gradient clipping; 0 disables it.
+    """
+
+    noise_std: float
+    noise_level_conditioning: bool
+    fps: int
+    aspect_ratio: str
+    caption_dropout: float = 0.1
+    drop_first_frame: float = 0.0
+    train_denoiser: bool = False
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+
+
+def step_generator(seed: int, micro_step: int, process_index: int, device) -> torch.Generator:
+    """The generator of one micro-batch: a pure function of (seed, micro step, process)."""
+    state = np.random.SeedSequence([seed, micro_step, process_index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state) & (2**63 - 1))
+
+
+def list_checkpoints(output_dir: str) -> List[str]:
+    """Complete checkpoint folders, oldest first (incomplete ones are hidden `.checkpoint-N.tmp` folders)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), d) for d in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(d))]
+    return [os.path.join(output_dir, d) for _, d in sorted(found)]
+
+
+def checkpoint_step(path: str) -> int:
+    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
+    if match is None:
+        raise ValueError(f"--resume_from_checkpoint {path!r} is not a checkpoint-<step> folder.")
+    return int(match.group(1))
+
+
+def remove_incomplete_checkpoints(output_dir: str) -> None:
+    """Leftovers of a run killed mid-save are incomplete by construction."""
+    for name in os.listdir(output_dir):
+        if name.startswith(".checkpoint-") and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int], logger: logging.Logger) -> None:
+    """`accelerator.save_state` into a hidden folder, renamed to `checkpoint-<step>` once complete."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    staging = os.path.join(output_dir, f".checkpoint-{step}.tmp")
+    accelerator.save_state(staging)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+        logger.info(f"Saved {final}")
+    accelerator.wait_for_everyone()
+
+
+def resume_from_checkpoint(accelerator, output_dir: str, checkpoint: Optional[str], logger: logging.Logger) -> int:
+    """Load `checkpoint` ("latest" or a folder) into the accelerator; returns the update count to resume at."""
+    if not checkpoint:
+        return 0
+    path = checkpoint
+    if path == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        path = checkpoints[-1] if checkpoints else None
+    if path is None:
+        logger.info(f"No checkpoint in {output_dir}; starting a new run.")
+        return 0
+    step = checkpoint_step(path)
+    logger.info(f"Resuming from {path} (step {step})")
+    accelerator.load_state(path)
+    return step
+
+
+def train_micro_batch(
+    accelerator,
+    training_module: torch.nn.Module,
+    pipe,
+    latents: torch.Tensor,
+    captions: Sequence[str],
+    settings: FlowStepSettings,
+    generator: torch.Generator,
+) -> Dict[str, torch.Tensor]:
+    """Forward and backward of the objective on one micro-batch of model-space latents; returns the detached
+    flow loss, mean bits/dim and (with `train_denoiser`) the denoiser loss."""
+    with torch.no_grad():
+        latents, captions = drop_first_frame(latents, captions, settings.drop_first_frame, generator)
+        captions = drop_captions(captions, settings.caption_dropout, generator)
+        prompt_embeds, _ = pipe.encode_prompt(
+            captions, do_classifier_free_guidance=False, fps=settings.fps, aspect_ratio=settings.aspect_ratio,
+            device=accelerator.device,
+        )
+        noisy = add_training_noise(latents, settings.noise_std, generator)
+    noisy.requires_grad_(settings.train_denoiser)
+    with accelerator.autocast():
+        flow = flow_nll_loss(
+            training_module, noisy, prompt_embeds, settings.noise_std, settings.noise_level_conditioning
+        )
+    accelerator.backward(flow.loss)
+    metrics = {"loss": flow.loss.detach(), "bits_per_dim": flow.bits_per_dim.mean()}
+    if settings.train_denoiser:
+        # accelerate divided the loss by the accumulation steps and, in fp16, scaled it
+        grad_scale = 1.0 / settings.gradient_accumulation_steps
+        if accelerator.scaler is not None:
+            grad_scale *= accelerator.scaler.get_scale()
+        target = flow_score_target(noisy.grad, settings.noise_std, grad_scale)
+        with accelerator.autocast():
+            prediction = training_module(noisy.detach(), prompt_embeds, denoise=True)
+        loss_denoiser = denoiser_loss(prediction, target)
+        accelerator.backward(loss_denoiser)
+        metrics["denoiser_loss"] = loss_denoiser.detach()
+    return metrics
+
+
+def run_training_loop(
+    accelerator,
+    training_module: torch.nn.Module,
+    pipe,
+    dataloader,
+    optimizer,
+    lr_scheduler,
+    param_groups: Sequence[Sequence[torch.nn.Parameter]],
+    settings: FlowStepSettings,
+    model_inputs: Callable[[dict, torch.Generator], torch.Tensor],
+    max_train_steps: int,
+    seed: int,
+    global_step: int = 0,
+    on_update: Optional[Callable[[int, Dict[str, float]], None]] = None,
+) -> int:
+    """Train from update `global_step` to `max_train_steps`; returns the final update count.
+
+    Args:
+        dataloader: an accelerate-prepared loader whose sampler has `set_epoch` (`EpochShuffleSampler`).
+        param_groups: parameters clipped together (the flow's and the denoiser's losses have their own scales).
+        model_inputs: a batch and the micro-batch generator -> model-space latents (B, C, T, H, W).
+        on_update: called after every optimizer update with the step and its logged values.
+    """
+    from tqdm.auto import tqdm
+
+    updates_per_epoch = -(-len(dataloader) // settings.gradient_accumulation_steps)
+    num_epochs = -(-max_train_steps // updates_per_epoch)
+    first_epoch = global_step // updates_per_epoch
+    skip_batches = (global_step % updates_per_epoch) * settings.gradient_accumulation_steps
+    progress = tqdm(
+        total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    window: Dict[str, List[torch.Tensor]] = {}
+    for epoch in range(first_epoch, num_epochs):
+        dataloader.set_epoch(epoch)
+        batches = dataloader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(dataloader, skip_batches)
+        for batch_index, batch in enumerate(batches, start=skip_batches if epoch == first_epoch else 0):
+            generator = step_generator(
+                seed, epoch * len(dataloader) + batch_index, accelerator.process_index, accelerator.device
+            )
+            with accelerator.accumulate(training_module):
+                with torch.no_grad():
+                    latents = model_inputs(batch, generator)
+                metrics = train_micro_batch(
+                    accelerator, training_module, pipe, latents, batch["caption"], settings, generator
+                )
+                for name, value in metrics.items():
+                    window.setdefault(name, []).append(value)
+                if accelerator.sync_gradients and settings.max_grad_norm > 0:
+                    for params in param_groups:
+                        if params:
+                            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            logs = {k: accelerator.reduce(torch.stack(v).mean(), "mean").item() for k, v in window.items()}
+            logs["lr"] = lr_scheduler.get_last_lr()[0]
+            window = {}
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", bpd=f"{logs['bits_per_dim']:.4f}")
+            accelerator.log(logs, step=global_step)
+            if on_update is not None:
+                on_update(global_step, logs)
+            if global_step >= max_train_steps:
+                break
+        if global_step >= max_train_steps:
+            break
+    progress.close()
+    return global_step

@@ -1,0 +1,509 @@
+# Copyright 2025 The starflow-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""Full training of a pixel-space STARFlow-V model from scratch (`starflow-train`).
+
+    starflow-train --config configs/shapes_32px.yaml --output_dir runs/shapes
+    accelerate launch -m starflow_diffusers.training.train --config ... --output_dir ...   # GPUs
+
+Everything comes from one config file (YAML or JSON, see `configs/`), in sections:
+
+* `model`: `StarFlowVTransformer` arguments. `in_channels` is 3 and `text_embed_dim` the text encoder's
+  width; `trained_latent_frames` defaults to `data.num_frames`.
+* `text_encoder`: a T5 encoder built from scratch (`d_model`, `d_kv`, `d_ff`, `num_layers`, `num_heads`,
+  `seed`) and frozen, with a word-level tokenizer over `vocabulary` (default: every word the captions can
+  hold, plus the prompt template's words). Nothing is downloaded.
+* `pipeline`, `scheduler`: `StarFlowVPipeline` and `JacobiFlowScheduler` configuration of the saved folder.
+* `data`: `synthetic` (arguments of `SyntheticClipDataset`: the moving-shapes world, rendered on the fly)
+  or `data_dir` (a captioned folder, as for `starflow-train-lora`), and the clip `height`, `width`,
+  `num_frames`, `fps`.
+* `training`: optimisation, checkpoints and validation (see `TRAINING_DEFAULTS`).
+
+Why pixel space: the model has no VAE (`vae=None`, 3 channels, frames in [-1, 1]). At small frame sizes a
+video VAE's 16x spatial and 4x temporal compression would leave a 2x2-cell, few-frame latent, and its
+weights alone would exceed a tiny model's size budget; patchifying pixels (`model.patch_size`) gives the
+flow short token sequences instead, with exact likelihoods of the pixels themselves.
+
+The objective and the loop are those of `starflow-train-lora` (`training.objective`, `training.loop`): the
+flow's NLL on noise-augmented clips and, for a model with a learned denoiser, flow-score matching of the
+denoiser. Checkpoints (`<output_dir>/checkpoint-<step>`) hold the transformer, optimizer, scheduler and
+RNG states, renamed into place once complete; `--resume_from_checkpoint latest` continues exactly. The
+result is a complete `StarFlowVPipeline` folder in `<output_dir>` (its `model_index.json` is moved in
+last, so a folder with one is complete), loadable with `StarFlowVPipeline.from_pretrained(output_dir)`.
+"""
+
+import argparse
+import inspect
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+
+logger = logging.getLogger("starflow_diffusers.train")
+
+MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+REPORT_TO_CHOICES = ("auto", "tensorboard", "wandb", "none")
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SECTIONS = ("model", "text_encoder", "pipeline", "scheduler", "data", "training")
+
+TEXT_ENCODER_DEFAULTS: Dict[str, Any] = {
+    "d_model": 32, "d_kv": 16, "d_ff": 64, "num_layers": 1, "num_heads": 2, "seed": 0, "vocabulary": None,
+}
+DATA_DEFAULTS: Dict[str, Any] = {
+    "synthetic": None, "data_dir": None, "height": 32, "width": 32, "num_frames": 17, "fps": 16,
+    "dataloader_num_workers": 0,
+}
+TRAINING_DEFAULTS: Dict[str, Any] = {
+    "seed": 0,
+    "max_train_steps": 1000,
+    "train_batch_size": 16,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 3e-4,
+    "lr_scheduler": "cosine",
+    "lr_warmup_steps": 100,
+    "adam_weight_decay": 1e-4,
+    "max_grad_norm": 1.0,
+    "caption_dropout": 0.1,
+    "drop_first_frame": 0.0,
+    "train_denoiser": True,
+    "mixed_precision": "no",
+    "gradient_checkpointing": False,
+    "checkpointing_steps": 500,
+    "checkpoints_total_limit": 2,
+    "save_dtype": "float32",
+    "validation_prompts": [],
+    "validation_steps": 500,
+    "validation_guidance_scale": 3.0,
+    "report_to": "auto",
+}
+# words of the prompt template and caption prefixes, so a model trained without them still tokenizes them
+TEMPLATE_WORDS = ("a", "an", "video", "with", "fps", "image", "noise", "level", "in", "aspect", "ratio", "extend", "v2v", "(", ")", ".")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="starflow-train",
+        description="Train a pixel-space STARFlow-V pipeline from scratch from a config file (run with "
+        "`accelerate launch` for GPUs).",
+    )
+    parser.add_argument("--config", required=True, help="a YAML or JSON training config (see configs/)")
+    parser.add_argument("--output_dir", required=True, help="pipeline folder to write, with checkpoints and logs")
+    parser.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-<step> folder')
+    parser.add_argument("--max_train_steps", type=int, default=None, help="override training.max_train_steps")
+    parser.add_argument("--mixed_precision", default=None, choices=MIXED_PRECISION_CHOICES, help="override training.mixed_precision")
+    parser.add_argument("--report_to", default=None, choices=REPORT_TO_CHOICES, help="override training.report_to")
+    return parser
+
+
+# ---- configuration ---------------------------------------------------------------------------------------------
+
+
+def load_config(path: str) -> Dict[str, Any]:
+    """Read a YAML or JSON config file into a dict of sections."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path!r} is not a file.")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith(".json"):
+            config = json.loads(text)
+        else:
+            import yaml
+
+            config = yaml.safe_load(text)
+    except Exception as e:
+        raise ValueError(f"--config {path!r} could not be parsed: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path!r} must hold a mapping of sections ({', '.join(SECTIONS)}).")
+    return config
+
+
+def _section(
+    config: Dict[str, Any], name: str, defaults: Optional[Dict[str, Any]], allowed: Sequence[str] = (), path: str = ""
+) -> Dict[str, Any]:
+    """`config[name]` with `defaults` filled in; keys outside `defaults` and `allowed` are errors."""
+    path = path or name
+    section = config.get(name) or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"Config section `{path}` must be a mapping, got {type(section).__name__}.")
+    known = set(defaults or {}) | set(allowed)
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ValueError(f"Unknown config key(s) {', '.join(f'`{path}.{k}`' for k in unknown)}; allowed: {', '.join(sorted(known))}.")
+    return {**(defaults or {}), **section}
+
+
+def _init_arguments(cls) -> List[str]:
+    return [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "args", "kwargs")]
+
+
+def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Check every section and fill in defaults and derived values; raises `ValueError` naming the key."""
+    from ..models.transformer_starflow_v import StarFlowVTransformer
+    from ..pipelines.pipeline_starflow_v import StarFlowVPipeline
+    from ..pipelines.starflow_sampling import closest_trained_aspect_ratio
+    from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
+    from .train_lora import lr_scheduler_choices
+
+    unknown = sorted(set(config) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"Unknown config section(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(SECTIONS)}.")
+    text = _section(config, "text_encoder", TEXT_ENCODER_DEFAULTS)
+    data = _section(config, "data", DATA_DEFAULTS)
+    training = _section(config, "training", TRAINING_DEFAULTS)
+    model = _section(config, "model", None, _init_arguments(StarFlowVTransformer))
+    pipeline_args = [n for n in _init_arguments(StarFlowVPipeline) if n not in ("transformer", "scheduler", "tokenizer", "text_encoder", "vae")]
+    pipeline = _section(config, "pipeline", None, pipeline_args)
+    scheduler = _section(config, "scheduler", None, _init_arguments(JacobiFlowScheduler))
+
+    for name in ("d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
+        _check_positive_int(f"text_encoder.{name}", text[name])
+    if text["vocabulary"] is not None and (
+        not isinstance(text["vocabulary"], list) or not all(isinstance(w, str) and w for w in text["vocabulary"])
+    ):
+        raise ValueError("`text_encoder.vocabulary` must be a list of words.")
+
+    if (data["synthetic"] is None) == (data["data_dir"] is None):
+        raise ValueError("Config section `data` needs exactly one of `synthetic` (a mapping) or `data_dir` (a folder).")
+    for name in ("height", "width", "num_frames", "fps"):
+        _check_positive_int(f"data.{name}", data[name])
+    if data["synthetic"] is not None:
+        synthetic = _section(data, "synthetic", {"num_clips": 10000, "seed": 0, "max_objects": 2}, path="data.synthetic")
+        _check_positive_int("data.synthetic.num_clips", synthetic["num_clips"])
+        if synthetic["max_objects"] not in (1, 2):
+            raise ValueError(f"`data.synthetic.max_objects` must be 1 or 2, got {synthetic['max_objects']!r}.")
+        if data["height"] != data["width"]:
+            raise ValueError(f"The synthetic world has square frames: `data.height` ({data['height']}) != `data.width` ({data['width']}).")
+        data["synthetic"] = synthetic
+    elif not os.path.isdir(data["data_dir"]):
+        raise ValueError(f"`data.data_dir` {data['data_dir']!r} is not a directory.")
+
+    if model.setdefault("in_channels", 3) != 3:
+        raise ValueError(f"`model.in_channels` must be 3: starflow-train trains pixel-space models, got {model['in_channels']}.")
+    if model.setdefault("text_embed_dim", text["d_model"]) != text["d_model"]:
+        raise ValueError(f"`model.text_embed_dim` ({model['text_embed_dim']}) must equal `text_encoder.d_model` ({text['d_model']}).")
+    model.setdefault("is_video", True)
+    if not model["is_video"]:
+        raise ValueError("`model.is_video` must be true: starflow-train trains video models.")
+    model.setdefault("trained_latent_frames", data["num_frames"])
+    patch = model.get("patch_size", 1)
+    for name in ("height", "width"):
+        if data[name] % patch:
+            raise ValueError(f"`data.{name}` ({data[name]}) must be a multiple of `model.patch_size` ({patch}).")
+    base = int(round(math.sqrt(data["height"] * data["width"])))
+    model.setdefault("sample_size", base // patch)
+    pipeline.setdefault("base_frame_size", base)
+    pipeline.setdefault("default_aspect_ratio", closest_trained_aspect_ratio(data["width"], data["height"]))
+
+    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"):
+        _check_positive_int(f"training.{name}", training[name])
+    for name in ("lr_warmup_steps", "adam_weight_decay", "max_grad_norm"):
+        if not isinstance(training[name], (int, float)) or training[name] < 0:
+            raise ValueError(f"`training.{name}` must be a number >= 0, got {training[name]!r}.")
+    if not isinstance(training["learning_rate"], (int, float)) or training["learning_rate"] <= 0:
+        raise ValueError(f"`training.learning_rate` must be > 0, got {training['learning_rate']!r}.")
+    for name in ("caption_dropout", "drop_first_frame"):
+        if not isinstance(training[name], (int, float)) or not 0 <= training[name] <= 1:
+            raise ValueError(f"`training.{name}` must be in [0, 1], got {training[name]!r}.")
+    if training["checkpoints_total_limit"] is not None:
+        _check_positive_int("training.checkpoints_total_limit", training["checkpoints_total_limit"])
+    if training["lr_scheduler"] not in lr_scheduler_choices():
+        raise ValueError(f"`training.lr_scheduler` {training['lr_scheduler']!r} is unknown; choose one of {', '.join(lr_scheduler_choices())}.")
+    for name, choices in (("mixed_precision", MIXED_PRECISION_CHOICES), ("save_dtype", tuple(SAVE_DTYPES)), ("report_to", REPORT_TO_CHOICES)):
+        if training[name] not in choices:
+            raise ValueError(f"`training.{name}` must be one of {', '.join(choices)}, got {training[name]!r}.")
+    denoiser_layers = model.get("denoiser_num_layers", inspect.signature(StarFlowVTransformer).parameters["denoiser_num_layers"].default)
+    if training["train_denoiser"] and not denoiser_layers:
+        raise ValueError("`training.train_denoiser` needs a learned denoiser (`model.denoiser_num_layers` > 0).")
+    if not isinstance(training["validation_prompts"], list) or not all(isinstance(p, str) for p in training["validation_prompts"]):
+        raise ValueError("`training.validation_prompts` must be a list of strings.")
+    return {"model": model, "text_encoder": text, "pipeline": pipeline, "scheduler": scheduler, "data": data, "training": training}
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    """Command-line arguments and the resolved config (overrides applied); exits with a usage error on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        for name in ("max_train_steps", "mixed_precision", "report_to"):
+            if getattr(args, name) is not None:
+                config.setdefault("training", {})[name] = getattr(args, name)
+        config = resolve_config(config)
+        if args.resume_from_checkpoint not in (None, "latest"):
+            from .loop import checkpoint_step
+
+            if not os.path.isdir(args.resume_from_checkpoint):
+                raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is neither 'latest' nor a folder.")
+            checkpoint_step(args.resume_from_checkpoint)
+        if config["data"]["data_dir"] is not None:
+            from .data import scan_data_dir
+
+            scan_data_dir(config["data"]["data_dir"])  # empty folder, missing captions
+    except ValueError as e:
+        parser.error(str(e))
+    return args, config
+
+
+# ---- components ---------------------------------------------------------------------------------------------
+
+
+def caption_vocabulary(config: Dict[str, Any]) -> List[str]:
+    """The tokenizer's words: `text_encoder.vocabulary`, or every word the training captions can hold."""
+    if config["text_encoder"]["vocabulary"] is not None:
+        words = list(config["text_encoder"]["vocabulary"])
+    elif config["data"]["synthetic"] is not None:
+        from .synthetic import VOCABULARY
+
+        words = list(VOCABULARY)
+    else:
+        from .data import scan_data_dir
+
+        words = sorted({word.lower() for item in scan_data_dir(config["data"]["data_dir"]) for word in item.caption.split()})
+    return words + [w for w in TEMPLATE_WORDS if w not in words]
+
+
+def build_pipeline(config: Dict[str, Any]):
+    """A fresh `StarFlowVPipeline` (new transformer, frozen text encoder, no VAE) from a resolved config."""
+    from ..models.transformer_starflow_v import StarFlowVTransformer
+    from ..pipelines.pipeline_starflow_v import StarFlowVPipeline
+    from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
+    from .text import t5_encoder_from_scratch, word_level_tokenizer
+
+    text = config["text_encoder"]
+    tokenizer = word_level_tokenizer(caption_vocabulary(config))
+    text_encoder = t5_encoder_from_scratch(
+        len(tokenizer), d_model=text["d_model"], d_kv=text["d_kv"], d_ff=text["d_ff"], num_layers=text["num_layers"],
+        num_heads=text["num_heads"], seed=text["seed"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["training"]["seed"])
+        transformer = StarFlowVTransformer(**config["model"])
+    return StarFlowVPipeline(
+        transformer=transformer, scheduler=JacobiFlowScheduler(**config["scheduler"]), tokenizer=tokenizer,
+        text_encoder=text_encoder, vae=None, **config["pipeline"],
+    )
+
+
+def build_dataset(config: Dict[str, Any]):
+    data = config["data"]
+    if data["synthetic"] is not None:
+        from .synthetic import SyntheticClipDataset
+
+        synthetic = data["synthetic"]
+        return SyntheticClipDataset(
+            synthetic["num_clips"], "train", data["height"], data["num_frames"], synthetic["seed"], synthetic["max_objects"]
+        )
+    from .data import VideoCaptionDataset
+
+    return VideoCaptionDataset(data["data_dir"], data["height"], data["width"], data["num_frames"], fps=data["fps"])
+
+
+def save_pipeline(pipe, output_dir: str, dtype: torch.dtype) -> None:
+    """`pipe.save_pretrained` into a hidden staging folder, then move each part into `output_dir`,
+    `model_index.json` last: a folder with a `model_index.json` is a complete pipeline."""
+    transformer = pipe.transformer
+    original_dtype = transformer.dtype
+    staging = os.path.join(output_dir, ".pipeline.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    if dtype != original_dtype:
+        transformer.to(dtype)
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+    finally:
+        if dtype != original_dtype:
+            transformer.to(original_dtype)
+    index = os.path.join(output_dir, "model_index.json")
+    if os.path.exists(index):
+        os.remove(index)
+    for name in sorted(os.listdir(staging)):
+        if name == "model_index.json":
+            continue
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    os.replace(os.path.join(staging, "model_index.json"), index)
+    os.rmdir(staging)
+
+
+# ---- training -------------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args, config = parse_args(argv)
+    train(config, args.output_dir, args.resume_from_checkpoint)
+
+
+def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optional[str] = None) -> str:
+    """Train from a resolved config (`resolve_config`); returns `output_dir`, a complete pipeline folder."""
+    import diffusers
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.utils import export_to_video
+
+    from ..models.transformer_starflow_v import StarFlowVTransformer
+    from .data import EpochShuffleSampler, VideoCaptionDataset, collate_clips
+    from .loop import FlowStepSettings, remove_incomplete_checkpoints, resume_from_checkpoint as resume, run_training_loop, save_checkpoint
+    from .objective import StarFlowTrainingModule
+
+    training = config["training"]
+    report_to = training["report_to"]
+    if report_to == "auto":
+        from accelerate.utils import is_tensorboard_available
+
+        report_to = "tensorboard" if is_tensorboard_available() else "none"
+    accelerator = Accelerator(
+        gradient_accumulation_steps=training["gradient_accumulation_steps"],
+        mixed_precision=training["mixed_precision"],
+        log_with=None if report_to == "none" else report_to,
+        project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, "logs")),
+        # the denoiser is unused in the flow's pass and the flow in the denoiser's
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=training["train_denoiser"])],
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logger.setLevel(logging.ERROR)
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    device = accelerator.device
+    set_seed(training["seed"])
+
+    # ---- model and data ------------------------------------------------------------------------------------
+    pipe = build_pipeline(config)
+    pipe.set_progress_bar_config(disable=True)
+    transformer, text_encoder = pipe.transformer, pipe.text_encoder
+    text_encoder.requires_grad_(False)
+    pipe.to(device)
+    if training["gradient_checkpointing"]:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    training_module = StarFlowTrainingModule(transformer)
+    flow_params = [p for n, p in transformer.named_parameters() if not n.startswith("denoiser.")]
+    denoiser_params = [p for n, p in transformer.named_parameters() if n.startswith("denoiser.")]
+    if not training["train_denoiser"]:
+        for param in denoiser_params:
+            param.requires_grad_(False)
+        denoiser_params = []
+
+    data = config["data"]
+    dataset = build_dataset(config)
+    if isinstance(dataset, VideoCaptionDataset):
+        logger.info(f"{len(dataset)} clips in {data['data_dir']} ({dataset.num_skipped} skipped)")
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=training["train_batch_size"], sampler=EpochShuffleSampler(len(dataset), seed=training["seed"]),
+        collate_fn=collate_clips, num_workers=data["dataloader_num_workers"], drop_last=False,
+    )
+
+    # ---- optimisation ---------------------------------------------------------------------------------------
+    optimizer = torch.optim.AdamW(
+        [{"params": flow_params}] + ([{"params": denoiser_params}] if denoiser_params else []),
+        lr=training["learning_rate"], betas=(0.9, 0.95), weight_decay=training["adam_weight_decay"],
+    )
+    lr_scheduler = get_scheduler(
+        training["lr_scheduler"], optimizer=optimizer,
+        num_warmup_steps=training["lr_warmup_steps"] * accelerator.num_processes,
+        num_training_steps=training["max_train_steps"] * accelerator.num_processes,
+    )
+    training_module, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        training_module, optimizer, dataloader, lr_scheduler
+    )
+
+    # checkpoints hold the transformer as a diffusers model folder (loadable on its own) plus accelerate's states
+    def save_model_hook(models, weights, checkpoint_dir):
+        for _ in range(len(weights)):
+            weights.pop()
+        if accelerator.is_main_process:
+            transformer.save_pretrained(os.path.join(checkpoint_dir, "transformer"), safe_serialization=True)
+
+    def load_model_hook(models, checkpoint_dir):
+        models.clear()
+        saved = StarFlowVTransformer.from_pretrained(os.path.join(checkpoint_dir, "transformer"))
+        transformer.load_state_dict(saved.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        remove_incomplete_checkpoints(output_dir)
+        with open(os.path.join(output_dir, ".train_config.json.tmp"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        os.replace(os.path.join(output_dir, ".train_config.json.tmp"), os.path.join(output_dir, "train_config.json"))
+        if report_to != "none":
+            accelerator.init_trackers("starflow-train", config={k: json.dumps(v) for k, v in config.items()})
+    global_step = resume(accelerator, output_dir, resume_from_checkpoint, logger)
+
+    frames, height, width = data["num_frames"], data["height"], data["width"]
+    total_batch = training["train_batch_size"] * accelerator.num_processes * training["gradient_accumulation_steps"]
+    logger.info(
+        f"Training a {sum(p.numel() for p in transformer.parameters()):,}-parameter StarFlowVTransformer for "
+        f"{training['max_train_steps']} steps of {total_batch} clips of {frames}x{height}x{width} on {device}"
+    )
+
+    def run_validation(step: int) -> None:
+        transformer.eval()
+        folder = os.path.join(output_dir, "validation")
+        os.makedirs(folder, exist_ok=True)
+        for index, prompt in enumerate(training["validation_prompts"]):
+            generator = torch.Generator(device=device).manual_seed(training["seed"] + index)
+            with accelerator.autocast():
+                video = pipe(
+                    prompt, height=height, width=width, num_frames=frames, fps=data["fps"],
+                    guidance_scale=training["validation_guidance_scale"], generator=generator,
+                ).frames[0]
+            name = f"step-{step:06d}-{index}.mp4"
+            export_to_video(list(video), os.path.join(folder, "." + name), fps=data["fps"])
+            os.replace(os.path.join(folder, "." + name), os.path.join(folder, name))
+        transformer.train()
+        logger.info(f"Validation videos in {folder}")
+
+    def on_update(step: int, logs: Dict[str, float]) -> None:
+        if step % training["checkpointing_steps"] == 0 or step == training["max_train_steps"]:
+            save_checkpoint(accelerator, output_dir, step, training["checkpoints_total_limit"], logger)
+        if training["validation_prompts"] and step % training["validation_steps"] == 0:
+            if accelerator.is_main_process:
+                run_validation(step)
+            accelerator.wait_for_everyone()
+
+    settings = FlowStepSettings(
+        noise_std=float(transformer.config.noise_std),
+        noise_level_conditioning=pipe.config.noise_level_conditioning,
+        fps=data["fps"],
+        aspect_ratio=pipe.config.default_aspect_ratio,
+        caption_dropout=training["caption_dropout"],
+        drop_first_frame=training["drop_first_frame"],
+        train_denoiser=training["train_denoiser"],
+        gradient_accumulation_steps=training["gradient_accumulation_steps"],
+        max_grad_norm=training["max_grad_norm"],
+    )
+    run_training_loop(
+        accelerator, training_module, pipe, dataloader, optimizer, lr_scheduler, [flow_params, denoiser_params],
+        settings, lambda batch, generator: batch["pixels"].to(device), training["max_train_steps"], training["seed"],
+        global_step, on_update,
+    )
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        transformer.eval()
+        save_pipeline(pipe, output_dir, SAVE_DTYPES[training["save_dtype"]])
+        logger.info(f"Saved the pipeline to {output_dir}")
+        if isinstance(dataset, VideoCaptionDataset) and dataset.num_skipped:
+            logger.warning(f"{dataset.num_skipped} file(s) were skipped: {sorted(dataset.skipped)[:5]}")
+    accelerator.end_training()
+    return output_dir
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The moving-shapes analyzer: the synthetic ground truth scores 100%, and each metric catches its failure."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from starflow_diffusers.evaluation import (
+    BACKGROUND,
+    COLOUR_NAMES,
+    analyze_clip,
+    segment_colours,
+    summarize,
+    to_uint8_frames,
+    track_direction,
+)
+from starflow_diffusers.training.synthetic import COLOURS, ClipSpec, ObjectSpec, generate_clips, render_clip
+
+
+PERFECT = {"colour_accuracy": 1.0, "direction_accuracy": 1.0, "persistence": 1.0, "extra_object_rate": 0.0}
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_ground_truth_clips_score_100_percent(split):
+    clips = generate_clips(32, split, seed=3)
+    scores = summarize([analyze_clip(clip.frames, clip.spec) for clip in clips])
+    assert {k: scores[k] for k in PERFECT} == PERFECT
+    assert scores["num_clips"] == 32 and scores["num_objects"] > 32  # some clips hold two objects
+
+
+def test_noise_and_float_frames_do_not_change_the_scores():
+    clips = generate_clips(16, "test", seed=5)
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(clip.frames / 255.0 + rng.normal(0, 0.1, clip.frames.shape), 0, 1) for clip in clips]
+    scores = summarize([analyze_clip(frames, clip.spec) for frames, clip in zip(noisy, clips)])
+    assert {k: scores[k] for k in PERFECT} == PERFECT
+
+
+def test_every_palette_colour_is_segmented_as_itself_on_both_backgrounds():
+    for background in (None, "gray"):
+        for colour in COLOURS:
+            spec = ClipSpec((ObjectSpec("circle", colour, "right", "fast"),), background)
+            labels = segment_colours(render_clip(spec, num_frames=1)[0])
+            assert set(np.unique(labels)) == {BACKGROUND, COLOUR_NAMES.index(colour)}, (colour, background)
+
+
+def test_each_metric_catches_its_failure():
+    clip = generate_clips(1, "test", seed=7, max_objects=1)[0]
+    (obj,) = clip.spec.objects
+    # played backwards: the object moves the opposite way
+    assert analyze_clip(clip.frames[::-1], clip.spec).objects[0].measured_direction != obj.direction
+    # a still clip has no direction
+    still = np.repeat(clip.frames[:1], len(clip.frames), axis=0)
+    assert analyze_clip(still, clip.spec).objects[0].measured_direction is None
+    # another colour than the caption's: not found, not persistent, an extra colour
+    other = next(c for c in COLOURS if c != obj.colour)
+    result = analyze_clip(clip.frames, ClipSpec((dataclasses.replace(obj, colour=other),), clip.spec.background))
+    assert not result.objects[0].colour_correct and not result.objects[0].persistent
+    assert result.extra_colours == [obj.colour]
+    # the object vanishes after the first frames: colour still found in most frames, but not persistent
+    vanishing = clip.frames.copy()
+    vanishing[-3:] = vanishing[-3:, :1, :1]
+    result = analyze_clip(vanishing, clip.spec).objects[0]
+    assert result.colour_correct and not result.persistent and result.frames_found == len(clip.frames) - 3
+
+
+def test_track_direction_and_input_checks():
+    assert track_direction([(5.0, 10.0), None, (9.0, 10.5), (12.0, 10.0)], min_travel=2) == "right"
+    assert track_direction([(5.0, 10.0), (5.0, 7.0), (5.5, 2.0)], min_travel=2) == "up"
+    assert track_direction([(5.0, 10.0), None, None], min_travel=2) is None
+    assert to_uint8_frames(np.ones((2, 4, 4, 3))).max() == 255
+    with pytest.raises(ValueError, match=r"\(T, H, W, 3\)"):
+        to_uint8_frames(np.zeros((4, 4, 3)))
+    with pytest.raises(ValueError, match="no captioned object"):
+        summarize([])

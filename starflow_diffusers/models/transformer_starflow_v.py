@@ -8,7 +8,9 @@ the exact log-likelihood. Running it noise -> data is an autoregressive solve do
 
 * `StarFlowKVCache`: preallocated keys/values of one block, in the model dtype. Keys are stored already
   rotated, because a key's rotary phase depends only on its cache index.
-* `StarFlowFlowBlock.prefill_text(text, cache, rotary)`: writes the text prefix into the cache once.
+* `StarFlowFlowBlock.prefill_text(text, cache, rotary)`: writes the text prefix into the cache once. `rotary`
+  is the (cos, sin) table pair of `StarFlowVTransformer.rotary_embedding`, or `rotary_phases(...)` of it
+  (complex phases, computed once per solve).
 * `StarFlowFlowBlock.evaluate_chunk(inputs, cache, rotary)`: runs a chunk of (shifted) tokens through the
   block in parallel, attending to everything cached before it, and returns the float32 affine parameters
   (shift, scale) of the tokens the chunk predicts. Rolling the cache back is `cache.truncate(length)`.
@@ -106,9 +108,29 @@ def rope_angles(positions: torch.Tensor, head_dim: int) -> Tuple[torch.Tensor, t
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); x is (B, heads, S, E)."""
-    pairs = x.unflatten(-1, (-1, 2))
-    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return rotate_pairs(x, rotary_phases((cos, sin)))
+
+
+def rotary_phases(
+    rotary_emb: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], start: int = 0, length: Optional[int] = None
+) -> torch.Tensor:
+    """Complex unit phases (length, E/2) of positions [start, start + length) (default: all of them).
+
+    `rotary_emb` is a (cos, sin) pair from `rope_angles` or a phase table this function returned: computing
+    the table once per solve leaves one slice per chunk."""
+    end = None if length is None else start + length
+    if isinstance(rotary_emb, torch.Tensor):
+        return rotary_emb[start:end]
+    cos, sin = rotary_emb
+    return torch.complex(cos[start:end, 0::2], sin[start:end, 0::2])
+
+
+def rotate_pairs(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` as one complex product (one op instead of ten): x (..., E) times phases (..., E/2)
+    broadcast against it, computed in float32."""
+    pairs = torch.view_as_complex((x if x.dtype == torch.float32 else x.float()).unflatten(-1, (-1, 2)))
+    rotated = torch.view_as_real(pairs * phases).flatten(-2)
+    return rotated if x.dtype == torch.float32 else rotated.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,7 +158,13 @@ class StarFlowKVCache:
         shape = (num_layers, batch_size, num_heads, max_length, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self._split_layers()
         self.length = 0
+
+    def _split_layers(self) -> None:
+        # per-layer views, so a write or a read is one slice instead of an index and a slice
+        self._layer_keys = [self.keys[i] for i in range(self.keys.shape[0])]
+        self._layer_values = [self.values[i] for i in range(self.values.shape[0])]
 
     @property
     def max_length(self) -> int:
@@ -154,9 +182,10 @@ class StarFlowKVCache:
         end = self.length + key.shape[2]
         if end > self.max_length:
             raise ValueError(f"KV cache overflow: {end} positions requested, capacity {self.max_length}.")
-        self.keys[layer, :, :, self.length : end] = key
-        self.values[layer, :, :, self.length : end] = value
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        keys, values = self._layer_keys[layer], self._layer_values[layer]
+        keys[:, :, self.length : end] = key
+        values[:, :, self.length : end] = value
+        return keys[:, :, :end], values[:, :, :end]
 
     def advance(self, num_positions: int) -> None:
         self.length += num_positions
@@ -168,41 +197,47 @@ class StarFlowKVCache:
         """Keep a part of the batch, e.g. the conditional half after guidance."""
         self.keys = self.keys[:, batch_slice]
         self.values = self.values[:, batch_slice]
+        self._split_layers()
 
 
 class StarFlowAttnProcessor:
-    """Scaled dot-product attention with rotary q/k and an optional KV cache."""
+    """Scaled dot-product attention with rotary q/k and an optional KV cache.
+
+    `rotary_emb` covers exactly the L positions of `hidden_states`: their complex phases (L, 1, E/2),
+    broadcast over heads (the layer stack computes them once per chunk), or a (cos, sin) pair.
+    `attention_mask` (L, S) is given where plain causal attention is not enough: the denoiser's band, or a
+    chunk after a cached prefix (built once per chunk by the layer stack).
+    """
 
     def __call__(
         self,
         attn: "StarFlowAttention",
         hidden_states: torch.Tensor,
-        rotary_emb: Tuple[torch.Tensor, torch.Tensor],
+        rotary_emb: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
         attention_mask: Optional[torch.Tensor] = None,
         kv_cache: Optional[StarFlowKVCache] = None,
         layer_index: int = 0,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
+        phases = rotary_phases(rotary_emb, 0, length)[:, None] if isinstance(rotary_emb, tuple) else rotary_emb
+        # (B, L, heads, E) views of the projections
         if attn.fused_projections:
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            qkv = attn.to_qkv(hidden_states).view(batch, length, 3, attn.heads, attn.head_dim)
+            query, key = rotate_pairs(qkv[:, :, :2], phases[:, None]).unbind(2)
+            value = qkv[:, :, 2]
         else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query, key, value = (t.view(batch, length, attn.heads, -1).transpose(1, 2) for t in (query, key, value))
+            query = rotate_pairs(attn.to_q(hidden_states).view(batch, length, attn.heads, -1), phases)
+            key = rotate_pairs(attn.to_k(hidden_states).view(batch, length, attn.heads, -1), phases)
+            value = attn.to_v(hidden_states).view(batch, length, attn.heads, -1)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
-        start = kv_cache.length if kv_cache is not None else 0
-        cos, sin = rotary_emb
-        cos, sin = cos[start : start + length], sin[start : start + length]
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-
-        is_causal = attn.is_causal and attention_mask is None
+        # causal from position 0; a single query after a prefix sees everything cached. (A branch, not an
+        # expression: under torch.compile the cache length may be symbolic, and SDPA takes a plain bool.)
+        is_causal = False
+        if attn.is_causal and attention_mask is None and (kv_cache is None or kv_cache.length == 0):
+            is_causal = True
         if kv_cache is not None:
             key, value = kv_cache.write(layer_index, key, value)
-            if start > 0 and attn.is_causal:
-                # a chunk after a cached prefix: causal inside the chunk, full view of the prefix
-                is_causal = False
-                if length > 1:
-                    attention_mask = torch.ones(length, start + length, dtype=torch.bool, device=query.device)
-                    attention_mask = attention_mask.tril(diagonal=start)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return attn.to_out[0](out)
@@ -284,16 +319,29 @@ class _LayerStack(nn.Module):
         return self.layers[0].attn.heads
 
     def run_layers(self, hidden_states, rotary_emb, attention_mask=None, kv_cache=None):
+        """The layers on (B, L, width) states at positions [cache length, cache length + L) of `rotary_emb`
+        ((cos, sin) tables or a `rotary_phases` table); with a cache, their keys/values are appended to it."""
+        start = kv_cache.length if kv_cache is not None else 0
+        length = hidden_states.shape[1]
+        # per-chunk work shared by every layer: the rotary phases and the prefix-plus-causal mask
+        phases = rotary_phases(rotary_emb, start, length)[:, None]
+        if attention_mask is None and start > 0 and length > 1 and self.layers[0].attn.is_causal:
+            attention_mask = prefix_causal_mask(start, length, hidden_states.device)
         for index, layer in enumerate(self.layers):
             if torch.is_grad_enabled() and self.gradient_checkpointing and kv_cache is None:
-                hidden_states = self._gradient_checkpointing_func(
-                    layer, hidden_states, rotary_emb, attention_mask
-                )
+                hidden_states = self._gradient_checkpointing_func(layer, hidden_states, phases, attention_mask)
             else:
-                hidden_states = layer(hidden_states, rotary_emb, attention_mask, kv_cache, index)
+                hidden_states = layer(hidden_states, phases, attention_mask, kv_cache, index)
         if kv_cache is not None:
-            kv_cache.advance(hidden_states.shape[1])
+            kv_cache.advance(length)
         return hidden_states
+
+
+def prefix_causal_mask(prefix_length: int, length: int, device=None) -> torch.Tensor:
+    """(length, prefix_length + length) boolean mask: a chunk after a cached prefix sees all of the prefix and
+    is causal inside itself."""
+    mask = torch.ones(length, prefix_length + length, dtype=torch.bool, device=device)
+    return mask.tril(diagonal=prefix_length)
 
 
 class StarFlowFlowBlock(_LayerStack):

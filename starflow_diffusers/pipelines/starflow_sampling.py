@@ -17,7 +17,7 @@ import torch
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..models.transformer_starflow_v import DENOISER_STEP, StarFlowFlowBlock
+from ..models.transformer_starflow_v import DENOISER_STEP, StarFlowFlowBlock, rotary_phases
 from ..schedulers.scheduling_jacobi_flow import FlowChunk
 
 
@@ -344,7 +344,7 @@ class StarFlowSamplingMixin:
         per_frame = self.transformer.config.shallow_blocks_per_frame
         frames = 1 if per_frame else t
         chunks = self.scheduler.plan(hp * wp, frames)
-        rotary = self.transformer.rotary_embedding(frames, hp, wp, 0, tokens.device)
+        rotary = rotary_phases(self.transformer.rotary_embedding(frames, hp, wp, 0, tokens.device))
         for block in reversed(self.transformer.shallow_blocks):
             seqs = block.permute(tokens).reshape(b * t // frames, frames * hp * wp, -1)
             noise, state = seqs, seqs.clone()
@@ -412,7 +412,8 @@ class StarFlowSamplingMixin:
         )
         self._num_timesteps = scheduler.num_timesteps
         text = torch.cat([prompt_embeds, negative_prompt_embeds]) if cfg_batch else prompt_embeds
-        rotary = transformer.rotary_embedding(t, grid[2], grid[3], text_length, noise.device)
+        # the complex phase table once per solve: each chunk then only slices it
+        rotary = rotary_phases(transformer.rotary_embedding(t, grid[2], grid[3], text_length, noise.device))
         cache = deep.init_cache(text.shape[0], scheduler.cache_length(per_frame, t, text_length), device=noise.device)
 
         with _lora_scale(transformer, (self._attention_kwargs or {}).get("scale")):

@@ -10,7 +10,7 @@ the exact log-likelihood. Running it noise -> data is an autoregressive solve do
   rotated, because a key's rotary phase depends only on its cache index.
 * `StarFlowFlowBlock.prefill_text(text, cache, rotary)`: writes the text prefix into the cache once. `rotary`
   is the (cos, sin) table pair of `StarFlowVTransformer.rotary_embedding`, or `rotary_phases(...)` of it
-  (complex phases, computed once per solve).
+  (one table, built once per solve).
 * `StarFlowFlowBlock.evaluate_chunk(inputs, cache, rotary)`: runs a chunk of (shifted) tokens through the
   block in parallel, attending to everything cached before it, and returns the float32 affine parameters
   (shift, scale) of the tokens the chunk predicts. Rolling the cache back is `cache.truncate(length)`.
@@ -114,22 +114,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def rotary_phases(
     rotary_emb: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], start: int = 0, length: Optional[int] = None
 ) -> torch.Tensor:
-    """Complex unit phases (length, E/2) of positions [start, start + length) (default: all of them).
+    """The (cos, sin) of every rotated pair, (length, E/2, 2) float32, at positions [start, start + length)
+    (default: all of them).
 
-    `rotary_emb` is a (cos, sin) pair from `rope_angles` or a phase table this function returned: computing
-    the table once per solve leaves one slice per chunk."""
+    `rotary_emb` is a (cos, sin) pair from `rope_angles` or a table this function returned: building the
+    table once per solve leaves one slice per chunk."""
     end = None if length is None else start + length
     if isinstance(rotary_emb, torch.Tensor):
         return rotary_emb[start:end]
     cos, sin = rotary_emb
-    return torch.complex(cos[start:end, 0::2], sin[start:end, 0::2])
+    return torch.stack([cos[start:end, 0::2], sin[start:end, 0::2]], dim=-1)
 
 
 def rotate_pairs(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
-    """`apply_rotary` as one complex product (one op instead of ten): x (..., E) times phases (..., E/2)
-    broadcast against it, computed in float32."""
-    pairs = torch.view_as_complex((x if x.dtype == torch.float32 else x.float()).unflatten(-1, (-1, 2)))
-    rotated = torch.view_as_real(pairs * phases).flatten(-2)
+    """`apply_rotary` as one complex product (one op instead of ten): x (..., E) times `rotary_phases`
+    (..., E/2, 2) broadcast against it, computed in float32."""
+    pairs = (x if x.dtype == torch.float32 else x.float()).unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        # inductor generates no code for complex ops: the same product in real arithmetic, which it fuses
+        cos, sin = phases.unbind(-1)
+        real, imag = pairs.unbind(-1)
+        rotated = torch.stack([real * cos - imag * sin, imag * cos + real * sin], dim=-1).flatten(-2)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(phases)).flatten(-2)
     return rotated if x.dtype == torch.float32 else rotated.to(x.dtype)
 
 
@@ -203,7 +210,7 @@ class StarFlowKVCache:
 class StarFlowAttnProcessor:
     """Scaled dot-product attention with rotary q/k and an optional KV cache.
 
-    `rotary_emb` covers exactly the L positions of `hidden_states`: their complex phases (L, 1, E/2),
+    `rotary_emb` covers exactly the L positions of `hidden_states`: their `rotary_phases` as (L, 1, E/2, 2),
     broadcast over heads (the layer stack computes them once per chunk), or a (cos, sin) pair.
     `attention_mask` (L, S) is given where plain causal attention is not enough: the denoiser's band, or a
     chunk after a cached prefix (built once per chunk by the layer stack).
@@ -220,8 +227,9 @@ class StarFlowAttnProcessor:
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         phases = rotary_phases(rotary_emb, 0, length)[:, None] if isinstance(rotary_emb, tuple) else rotary_emb
-        # (B, L, heads, E) views of the projections
-        if attn.fused_projections:
+        # (B, L, heads, E) views of the projections. A LoRA adapter loaded after fusing wraps to_q, unmerged:
+        # then the separate, adapted projections are the right ones.
+        if attn.fused_projections and getattr(attn.to_q, "merged", True):
             qkv = attn.to_qkv(hidden_states).view(batch, length, 3, attn.heads, attn.head_dim)
             query, key = rotate_pairs(qkv[:, :, :2], phases[:, None]).unbind(2)
             value = qkv[:, :, 2]
@@ -493,6 +501,8 @@ class StarFlowVTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["StarFlowTransformerLayer"]
+    # `compile_repeated_blocks` (regional torch.compile) compiles every layer of every block and the denoiser
+    _repeated_blocks = ["StarFlowTransformerLayer"]
     _skip_layerwise_casting_patterns = ["sos_embed", "norm"]
     _keep_in_fp32_modules = None
 

@@ -10,7 +10,7 @@ template and text encoding, input validation, frame-size resolution and the init
 """
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -327,15 +327,27 @@ class StarFlowSamplingMixin:
         guidance_weight: float = 0.0,
         cfg_batch: bool = False,
     ) -> None:
-        """Fixed-point iterations of one chunk; `state` is updated in place."""
-        for iteration in range(self.scheduler.iterations_per_chunk):
-            inputs = self.scheduler.chunk_inputs(state, block.sos_embed, chunk, iteration)
-            if cfg_batch:
-                inputs = torch.cat([inputs, inputs])
+        """Fixed-point iterations of one chunk; `state` is updated in place.
+
+        With per-sequence convergence (`convergence="sample"`), a converged sequence is fed the inputs it
+        converged with while the others go on, so its values and cache entries stay those of its converging
+        iteration: exactly what it would get alone."""
+        scheduler = self.scheduler
+        replay = scheduler.config.convergence == "sample" and state.shape[0] > 1
+        converged, converged_inputs = None, None
+        for iteration in range(scheduler.iterations_per_chunk):
+            inputs = scheduler.chunk_inputs(state, block.sos_embed, chunk, iteration)
+            if converged is not None:
+                inputs = torch.where(converged[:, None, None], converged_inputs, inputs)
             length = cache.length
-            params = block.evaluate_chunk(inputs, cache, rotary)
-            if self.scheduler.step(params, chunk, state, noise, iteration, guidance_weight).converged:
+            params = block.evaluate_chunk(torch.cat([inputs, inputs]) if cfg_batch else inputs, cache, rotary)
+            output = scheduler.step(params, chunk, state, noise, iteration, guidance_weight)
+            if output.converged:
                 return
+            if replay:
+                below = output.residual < scheduler.config.threshold
+                converged = below if converged is None else converged | below
+                converged_inputs = inputs
             cache.truncate(length)
 
     def invert_shallow_blocks(self, tokens: torch.Tensor, grid) -> torch.Tensor:
@@ -354,20 +366,54 @@ class StarFlowSamplingMixin:
             tokens = block.permute(state.reshape(b, t, hp * wp, -1))
         return tokens
 
-    def denoise_latents(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, mode: str) -> torch.Tensor:
-        """Remove the training noise from sampled latents, in windows along time (spec section 4)."""
+    def _denoise_window_starts(self, num_frames: int, window: int) -> List[int]:
+        """First frames of the windows `denoise_latents` denoises: `window` frames each (the last one may be
+        cut), overlapping by the denoiser's look-back, until every frame is covered."""
+        overlap = min(self.transformer.config.denoiser_window or (window - 1), window - 1)
+        return list(range(0, max(num_frames - overlap, 1), window - overlap))
+
+    def _denoise_windows(self, out, prompt_embeds, mode, window, starts, written) -> int:
+        """Denoise `out` (B, C, T, H, W) in place, window after window from `starts`; each window starts from
+        the already denoised frames [.., written) and writes the frames after them. Returns the new `written`."""
+        for start in starts:
+            if written >= out.shape[2]:
+                break
+            chunk = self._denoise_chunk(out[:, :, start : start + window], prompt_embeds, mode)
+            out[:, :, written : start + window] = chunk[:, :, written - start :]
+            written = min(start + window, out.shape[2])
+        return written
+
+    def denoise_latents(
+        self, latents: torch.Tensor, prompt_embeds: torch.Tensor, mode: str, window: Optional[int] = None
+    ) -> torch.Tensor:
+        """Remove the training noise from sampled latents, in windows along time (spec section 4).
+
+        `window`: frames per window; default the solve's local window, else all frames."""
         if mode == "none":
             return latents
-        window = self.scheduler.window_frames or latents.shape[2]
-        overlap = min(self.transformer.config.denoiser_window or (window - 1), window - 1)
-        out, start, written = latents.clone(), 0, 0
-        while written < latents.shape[2]:
-            chunk = out[:, :, start : start + window]
-            chunk = self._denoise_chunk(chunk, prompt_embeds, mode)
-            out[:, :, written : start + window] = chunk[:, :, written - start :]
-            written = min(start + window, latents.shape[2])
-            start += window - overlap
+        window = window or self.scheduler.window_frames or latents.shape[2]
+        out = latents.clone()
+        self._denoise_windows(out, prompt_embeds, mode, window, self._denoise_window_starts(out.shape[2], window), 0)
         return out
+
+    def final_frames(self, solved: int, num_frames: int, denoise: str, window: Optional[int] = None) -> int:
+        """How many leading frames of the output are final once the first `solved` frames have been inverted
+        through every block (`stream_latents` yields them; later frames cannot change them):
+
+        * `denoise="none"`: the solved frames.
+        * "learned": the frames of complete denoising windows, and frames at least R = denoiser layers x
+          `denoiser_lookahead` frames before the last solved one (each layer sees that many frames ahead).
+        * "score": the frames of complete denoising windows (the score step differentiates through it all).
+        """
+        if solved >= num_frames or denoise == "none":
+            return min(solved, num_frames)
+        window = window or self.scheduler.window_frames or num_frames
+        ends = [min(start + window, num_frames) for start in self._denoise_window_starts(num_frames, window)]
+        complete = max([end for end in ends if end <= solved], default=0)
+        if denoise == "score":
+            return complete
+        config = self.transformer.config
+        return max(complete, solved - config.denoiser_num_layers * config.denoiser_lookahead)
 
     def _denoise_chunk(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, mode: str) -> torch.Tensor:
         dtype = self.transformer.dtype
@@ -381,6 +427,86 @@ class StarFlowSamplingMixin:
             loss = self.transformer.nll_loss(self.transformer(model_input, prompt_embeds))
             (grad,) = torch.autograd.grad(loss, x)
         return latents - self.noise_std**2 * latents.numel() * grad.float()
+
+    def _solve_deep_block(
+        self,
+        noise: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: Optional[torch.Tensor],
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+        context_latents: Optional[torch.Tensor] = None,
+    ) -> Iterator["_DeepSolveProgress"]:
+        """The deep block's solve with guidance, chunk by chunk. Yields its progress once the known frames
+        are in place and after every chunk; the state is the float32 (B, T*F, D) token state in the deep
+        block's order, updated in place."""
+        transformer, deep = self.transformer, self.transformer.deep_block
+        b, _, t, h, w = noise.shape
+        p = transformer.config.patch_size
+        grid = (b, t, h // p, w // p)
+        per_frame = grid[2] * grid[3]
+        text_length = prompt_embeds.shape[1]
+        cfg_batch = negative_prompt_embeds is not None
+
+        prefix_tokens = 0 if context_latents is None else context_latents.shape[2] * per_frame
+        scheduler = self.scheduler
+        scheduler.set_timesteps(
+            per_frame, t, prefix_tokens, trained_frames=transformer.config.trained_latent_frames, device=noise.device
+        )
+        self._num_timesteps = scheduler.num_timesteps
+        text = torch.cat([prompt_embeds, negative_prompt_embeds]) if cfg_batch else prompt_embeds
+        # the rotary table once per solve: each chunk then only slices it
+        rotary = rotary_phases(transformer.rotary_embedding(t, grid[2], grid[3], text_length, noise.device))
+        cache = deep.init_cache(text.shape[0], scheduler.cache_length(per_frame, t, text_length), device=noise.device)
+
+        z = self._to_block_tokens(noise, deep)
+        state = z.clone()
+        deep.prefill_text(text, cache, rotary)
+        if context_latents is not None:
+            # the known frames in the deep block's input space, then into its cache
+            tokens = transformer.patchify(context_latents.to(transformer.dtype))
+            tokens = tokens.reshape(b, context_latents.shape[2], per_frame, -1)
+            tokens, _ = transformer.forward_shallow(tokens, grid[2:])
+            state[:, :prefix_tokens] = deep.permute(tokens).reshape(b, prefix_tokens, -1).float()
+            context = scheduler.context_inputs(state, deep.sos_embed, (0, prefix_tokens))
+            deep.evaluate_chunk(torch.cat([context, context]) if cfg_batch else context, cache, rotary)
+        yield _DeepSolveProgress(state, prefix_tokens // per_frame, prompt_embeds)
+        with self.progress_bar(total=scheduler.num_timesteps) as progress_bar:
+            for index, chunk in enumerate(scheduler.chunks):
+                if self.interrupt:
+                    break
+                if chunk.context is not None:
+                    cache.truncate(0)
+                    deep.prefill_text(text, cache, rotary)
+                    context = scheduler.context_inputs(state, deep.sos_embed, chunk.context)
+                    deep.evaluate_chunk(torch.cat([context, context]) if cfg_batch else context, cache, rotary)
+                weight = max(self._guidance_scale - 1.0, 0.0) if cfg_batch else 0.0
+                self.solve_chunk(deep, chunk, state, z, cache, rotary, weight, cfg_batch)
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for name in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[name] = (
+                            self._from_block_tokens(state, deep, grid) if name == "latents" else locals()[name]
+                        )
+                    outputs = callback_on_step_end(self, index, chunk.start, callback_kwargs) or {}
+                    if "latents" in outputs:
+                        state = self._to_block_tokens(outputs["latents"], deep)
+                    prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
+                    # new embeddings apply from the next window's text prefix and to denoising
+                    text = torch.cat([prompt_embeds, negative_prompt_embeds]) if cfg_batch else prompt_embeds
+                    if self._guidance_scale > 1 and not cfg_batch:
+                        logger.warning("Guidance cannot be switched on mid-solve without negative embeddings.")
+                progress_bar.update()
+                yield _DeepSolveProgress(state, chunk.end // per_frame, prompt_embeds)
+
+    def _invert_frames(self, state: torch.Tensor, grid, start: int, end: int) -> torch.Tensor:
+        """Model-space latents (B, C, end - start, H, W) of frames [start, end) of a deep-block token state."""
+        b, t, hp, wp = grid
+        deep = self.transformer.deep_block
+        tokens = deep.permute(state.reshape(b, t, hp * wp, -1)[:, start:end])
+        tokens = self.invert_shallow_blocks(tokens, (b, end - start, hp, wp))
+        return self.transformer.unpatchify(tokens.reshape(b, end - start, hp, wp, -1), video=True)
 
     def sample_latents(
         self,
@@ -397,70 +523,96 @@ class StarFlowSamplingMixin:
         Image models take T = 1. `context_latents` (B, C, Tc, H, W), already noise-augmented, are known
         first frames (image-to-video, extension): they run forward through the shallow blocks into the deep
         block's cache, and the solve continues after them; the output keeps all T frames."""
-        transformer, deep = self.transformer, self.transformer.deep_block
         b, _, t, h, w = noise.shape
-        p = transformer.config.patch_size
+        p = self.transformer.config.patch_size
+        with _lora_scale(self.transformer, (self._attention_kwargs or {}).get("scale")):
+            for progress in self._solve_deep_block(
+                noise, prompt_embeds, negative_prompt_embeds, callback_on_step_end,
+                callback_on_step_end_tensor_inputs, context_latents,
+            ):
+                pass
+            latents = self._invert_frames(progress.state, (b, t, h // p, w // p), 0, t)
+            return self.denoise_latents(latents, progress.prompt_embeds, denoise)
+
+    def stream_latents(
+        self,
+        noise: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: Optional[torch.Tensor],
+        denoise: str,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+        context_latents: Optional[torch.Tensor] = None,
+    ) -> Iterator[torch.Tensor]:
+        """`sample_latents` as a generator of its output frames (B, C, n, H, W), in order, each as soon as it is
+        final (`final_frames`); together they equal `sample_latents`'s output.
+
+        Deep/shallow pipelining: the shallow blocks of a frame are inverted right after the deep block's chunk
+        that completes it. That needs frames whose shallow inversion does not depend on other frames:
+        per-frame shallow blocks solved sequentially or with `convergence="sample"`. Otherwise (the
+        original's batch-wide Jacobi rule couples the frames) the frames are inverted once the deep block is
+        done, then denoised and yielded one denoising window at a time."""
+        b, _, t, h, w = noise.shape
+        p = self.transformer.config.patch_size
         grid = (b, t, h // p, w // p)
-        per_frame = grid[2] * grid[3]
-        text_length = prompt_embeds.shape[1]
-        cfg_batch = negative_prompt_embeds is not None
-
-        prefix_tokens = 0 if context_latents is None else context_latents.shape[2] * per_frame
         scheduler = self.scheduler
-        scheduler.set_timesteps(
-            per_frame, t, prefix_tokens, trained_frames=transformer.config.trained_latent_frames, device=noise.device
+        independent = self.transformer.config.shallow_blocks_per_frame and (
+            scheduler.config.mode == "sequential" or scheduler.config.convergence == "sample"
         )
-        self._num_timesteps = scheduler.num_timesteps
-        text = torch.cat([prompt_embeds, negative_prompt_embeds]) if cfg_batch else prompt_embeds
-        # the complex phase table once per solve: each chunk then only slices it
-        rotary = rotary_phases(transformer.rotary_embedding(t, grid[2], grid[3], text_length, noise.device))
-        cache = deep.init_cache(text.shape[0], scheduler.cache_length(per_frame, t, text_length), device=noise.device)
+        # the denoising windows of `sample_latents`: the solve's local window (set by the solve), else all frames
+        window = scheduler.resolve_window(t, self.transformer.config.trained_latent_frames) or t
+        starts = self._denoise_window_starts(t, window)
+        # `out` holds the denoised frames of complete windows [0, written) and the inverted, not yet denoised
+        # frames [written, inverted)
+        out = noise.new_zeros(noise.shape)
+        inverted = emitted = written = complete_windows = 0
 
-        with _lora_scale(transformer, (self._attention_kwargs or {}).get("scale")):
-            z = self._to_block_tokens(noise, deep)
-            state = z.clone()
-            deep.prefill_text(text, cache, rotary)
-            if context_latents is not None:
-                # the known frames in the deep block's input space, then into its cache
-                tokens = transformer.patchify(context_latents.to(transformer.dtype))
-                tokens = tokens.reshape(b, context_latents.shape[2], per_frame, -1)
-                tokens, _ = transformer.forward_shallow(tokens, grid[2:])
-                state[:, :prefix_tokens] = deep.permute(tokens).reshape(b, prefix_tokens, -1).float()
-                context = scheduler.context_inputs(state, deep.sos_embed, (0, prefix_tokens))
-                deep.evaluate_chunk(torch.cat([context, context]) if cfg_batch else context, cache, rotary)
-            with self.progress_bar(total=scheduler.num_timesteps) as progress_bar:
-                for index, chunk in enumerate(scheduler.chunks):
-                    if self.interrupt:
-                        break
-                    if chunk.context is not None:
-                        cache.truncate(0)
-                        deep.prefill_text(text, cache, rotary)
-                        context = scheduler.context_inputs(state, deep.sos_embed, chunk.context)
-                        deep.evaluate_chunk(torch.cat([context, context]) if cfg_batch else context, cache, rotary)
-                    weight = max(self._guidance_scale - 1.0, 0.0) if cfg_batch else 0.0
-                    self.solve_chunk(deep, chunk, state, z, cache, rotary, weight, cfg_batch)
-                    if callback_on_step_end is not None:
-                        callback_kwargs = {}
-                        for name in callback_on_step_end_tensor_inputs:
-                            callback_kwargs[name] = (
-                                self._from_block_tokens(state, deep, grid) if name == "latents" else locals()[name]
-                            )
-                        outputs = callback_on_step_end(self, index, chunk.start, callback_kwargs) or {}
-                        if "latents" in outputs:
-                            state = self._to_block_tokens(outputs["latents"], deep)
-                        prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
-                        negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
-                        # new embeddings apply from the next window's text prefix and to denoising
-                        text = torch.cat([prompt_embeds, negative_prompt_embeds]) if cfg_batch else prompt_embeds
-                        if self._guidance_scale > 1 and not cfg_batch:
-                            logger.warning("Guidance cannot be switched on mid-solve without negative embeddings.")
-                    progress_bar.update()
-            del cache
-            tokens = self.invert_shallow_blocks(deep.permute(state.reshape(b, t, per_frame, -1)), grid)
-            latents = transformer.unpatchify(tokens.reshape(b, t, grid[2], grid[3], -1), video=True)
-            latents = self.denoise_latents(latents, prompt_embeds, denoise)
-        return latents
+        def advance(progress: _DeepSolveProgress, solved: int) -> Iterator[torch.Tensor]:
+            nonlocal inverted, emitted, written, complete_windows
+            if solved > inverted:
+                out[:, :, inverted:solved] = self._invert_frames(progress.state, grid, inverted, solved)
+                inverted = solved
+            frames = out
+            if denoise == "none":
+                written = inverted
+            else:
+                # a complete window is final, and the next one starts from its frames
+                while complete_windows < len(starts) and min(starts[complete_windows] + window, t) <= inverted:
+                    first = starts[complete_windows : complete_windows + 1]
+                    written = self._denoise_windows(out, progress.prompt_embeds, denoise, window, first, written)
+                    complete_windows += 1
+                    if written > emitted:
+                        yield out[:, :, emitted:written].clone()
+                        emitted = written
+                if self.final_frames(inverted, t, denoise, window) > written:
+                    # the next, incomplete window: its frames out of reach of the missing ones are final
+                    frames = out[:, :, :inverted].clone()
+                    rest = starts[complete_windows:]
+                    self._denoise_windows(frames, progress.prompt_embeds, denoise, window, rest, written)
+            final = self.final_frames(inverted, t, denoise, window)
+            if final > emitted:
+                yield frames[:, :, emitted:final].clone()
+                emitted = final
 
+        with _lora_scale(self.transformer, (self._attention_kwargs or {}).get("scale")):
+            progress = None
+            for progress in self._solve_deep_block(
+                noise, prompt_embeds, negative_prompt_embeds, callback_on_step_end,
+                callback_on_step_end_tensor_inputs, context_latents,
+            ):
+                if independent:
+                    yield from advance(progress, progress.frames_solved)
+            # the solve is over (or interrupted): every frame counts as solved, as in `sample_latents`
+            yield from advance(progress, t)
+
+
+class _DeepSolveProgress(NamedTuple):
+    """Where the deep block's solve stands: its token state, how many leading frames are solved, and the
+    prompt embeddings in use (a step-end callback may replace them)."""
+
+    state: torch.Tensor
+    frames_solved: int
+    prompt_embeds: torch.Tensor
 
 
 class _lora_scale:

@@ -10,6 +10,12 @@ has converged; if not, the pipeline rolls its cache back and evaluates the chunk
 * `mode="jacobi"`: block-Jacobi fixed-point iteration on chunks of `block_size` tokens within the first
   frame and `later_block_multiplier * block_size` after it; iteration 0 of a later chunk may read the same
   positions one frame earlier (`warm_start`).
+* `convergence="batch"` (the original's rule) stops a chunk once the relative residual over the whole batch is
+  below `threshold`, so a sample's result depends on the rest of its batch. With `convergence="sample"` every
+  sequence of the batch stops on its own residual: the pipeline then replays a converged sequence's inputs,
+  which leaves its values and its cache entries unchanged, and a result no longer depends on what else is in
+  the batch. That makes batched calls match single ones, and lets `StarFlowVPipeline.stream` invert the
+  shallow blocks of early frames (one sequence per frame) before the later frames exist.
 * Videos longer than `local_window` latent frames are solved window by window: after the first window,
   each new window keeps the last `context_frames` solved frames, which the pipeline re-encodes into a fresh
   cache so that positions restart at 0.
@@ -51,7 +57,8 @@ class JacobiFlowSchedulerOutput(BaseOutput):
     Args:
         prev_sample (`torch.Tensor`): the float32 token state (B, N, D) with the chunk updated.
         converged (`bool`): stop iterating this chunk (residual below threshold, or last iteration).
-        residual (`torch.Tensor`): mean squared change relative to the mean squared new value.
+        residual (`torch.Tensor`): mean squared change relative to the mean squared new value: a scalar
+            over the batch, or (B,) per sequence with `convergence="sample"`.
     """
 
     prev_sample: torch.Tensor
@@ -89,6 +96,8 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         local_window (`int`, *optional*): latent frames the deep block attends to; None means the model's
             trained length (`trained_latent_frames`).
         context_frames (`int`): frames kept as context when the window slides.
+        convergence (`str`): "batch" (one residual over the batch, as the original code) or "sample" (one per
+            sequence; results independent of the batch, needed for early frames in `stream`).
     """
 
     config_name = "scheduler_config.json"
@@ -106,8 +115,11 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         warm_start: bool = True,
         local_window: Optional[int] = None,
         context_frames: int = 16,
+        convergence: str = "batch",
     ):
         self._validate(mode, block_size, later_block_multiplier, max_iterations, threshold, local_window, context_frames)
+        if convergence not in ("batch", "sample"):
+            raise ValueError(f"`convergence` must be 'batch' or 'sample', got {convergence!r}.")
         self.chunks: List[FlowChunk] = []
         self.window_frames: Optional[int] = None
         self.timesteps = torch.zeros(0, dtype=torch.long)
@@ -250,9 +262,10 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`model_output` batch {shift.shape[0]} must be the sample batch {sample.shape[0]} or twice it.")
         new = shift + scale * noise[:, chunk.start : chunk.end]
         old = sample[:, chunk.start : chunk.end]
-        residual = (new - old).square().mean() / new.square().mean()
+        dims = (1, 2) if self.config.convergence == "sample" else None
+        residual = (new - old).square().mean(dims) / new.square().mean(dims)
         sample[:, chunk.start : chunk.end] = new
-        converged = iteration >= self.iterations_per_chunk - 1 or bool(residual < self.config.threshold)
+        converged = iteration >= self.iterations_per_chunk - 1 or bool((residual < self.config.threshold).all())
         if not return_dict:
             return sample, converged, residual
         return JacobiFlowSchedulerOutput(prev_sample=sample, converged=converged, residual=residual)

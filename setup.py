@@ -8,6 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["starflow_diffusers", "starflow_diffusers.*"]),
+    # the bundled tiny model (starflow_diffusers.BUNDLED_MODEL), a complete pipeline folder
+    package_data={"starflow_diffusers": ["bundled/*/*.json", "bundled/*/*/*.json", "bundled/*/*/*.safetensors"]},
     python_requires=">=3.11",
     install_requires=[
         "torch>=2.13.0",
@@ -33,6 +35,7 @@ setup(
             "starflow-convert=starflow_diffusers.conversion.__main__:main",
             "starflow-train=starflow_diffusers.training.train:main",
             "starflow-train-lora=starflow_diffusers.training.train_lora:main",
+            "starflow-v=starflow_diffusers.cli:main",
         ]
     },
 )

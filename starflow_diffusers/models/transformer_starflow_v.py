@@ -335,6 +335,11 @@ class _LayerStack(nn.Module):
         phases = rotary_phases(rotary_emb, start, length)[:, None]
         if attention_mask is None and start > 0 and length > 1 and self.layers[0].attn.is_causal:
             attention_mask = prefix_causal_mask(start, length, hidden_states.device)
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            # SDPA would turn a boolean mask into an additive one in every layer; do it once
+            attention_mask = torch.zeros(attention_mask.shape, dtype=hidden_states.dtype, device=hidden_states.device).masked_fill_(
+                ~attention_mask, float("-inf")
+            )
         for index, layer in enumerate(self.layers):
             if torch.is_grad_enabled() and self.gradient_checkpointing and kv_cache is None:
                 hidden_states = self._gradient_checkpointing_func(layer, hidden_states, phases, attention_mask)

@@ -218,6 +218,8 @@ def run(args) -> dict:
     if args.compile:
         # regional compilation of every transformer layer; the first (warm-up) calls compile
         start = time.perf_counter()
+        # one graph per layer variant: causal or not, with or without a cache/mask, batch sizes, widths
+        torch._dynamo.config.recompile_limit = 64
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
         with torch.no_grad():
             for frames in args.frames:

@@ -1,5 +1,5 @@
 # Copyright 2025 The starflow-diffusers authors. Licensed under the Apache License, Version 2.0.
-"""Tiny, randomly initialised components built in-process (no downloads), for tests and smoke demos."""
+"""Tiny, randomly initialised components built in-process (no downloads), for tests."""
 
 from typing import Dict, Iterable, Optional
 

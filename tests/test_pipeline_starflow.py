@@ -205,3 +205,10 @@ def test_latent_rgb_check_without_vae():
     pipe = StarFlowPipeline(**components)
     with pytest.raises(ValueError, match="no VAE and its latents are not RGB"):
         pipe("a cat", output_type="pil")
+
+
+def test_encode_image_reads_uint8_arrays_as_0_to_255(pipe):
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    expected = pipe.encode_image(PIL.Image.fromarray(pixels))
+    torch.testing.assert_close(pipe.encode_image(pixels), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pipe.encode_image(pixels / 255.0), expected, rtol=0, atol=1e-6)

@@ -57,6 +57,18 @@ def test_image_to_video_from_pil_image(pipe):
     np.testing.assert_array_equal(out, again)
 
 
+def test_uint8_arrays_and_tensors_are_read_as_0_to_255(pipe):
+    """opencv/imageio frames are uint8: they must encode like the same PIL image, not as [0, 1] floats."""
+    pixels = np.asarray(_image(32, 32))
+
+    def encode(image):  # the VAE posterior is sampled: the same seed for every call
+        return pipe.encode_video([image], 32, 32, generator=torch.Generator().manual_seed(0))
+
+    expected = encode(_image(32, 32))
+    for image in (pixels, torch.from_numpy(pixels.copy()).permute(2, 0, 1), pixels / 255.0):  # tensors are (C, H, W)
+        torch.testing.assert_close(encode(image), expected, rtol=0, atol=1e-6)
+
+
 def test_the_conditioning_image_changes_the_video(pipe):
     kwargs = dict(prompt="a dog", height=32, width=32, num_frames=9, output_type="latent")
     a = pipe(_image(), generator=torch.Generator().manual_seed(0), **kwargs).frames

@@ -20,7 +20,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..loaders import StarFlowVLoraLoaderMixin
 from ..models.transformer_starflow_v import StarFlowVTransformer
 from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
-from .starflow_sampling import StarFlowSamplingMixin, closest_trained_aspect_ratio, parse_aspect_ratio
+from .starflow_sampling import (
+    StarFlowSamplingMixin,
+    closest_trained_aspect_ratio,
+    integer_pixels_to_unit_range,
+    parse_aspect_ratio,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -333,10 +338,10 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
         """Images -> float32 model-space latents (B, C, h, w), without noise augmentation.
 
         `image` follows `VaeImageProcessor.preprocess`: PIL images, np arrays or tensors in [0, 1] (tensors
-        with negative values are taken as [-1, 1]); it is resized to (height, width) when given, and to
+        with negative values are taken as [-1, 1]) or integer (uint8) arrays and tensors in [0, 255]; it is resized to (height, width) when given, and to
         multiples of `spatial_multiple` otherwise. The VAE posterior's mean is used, or a sample drawn with
         `generator` when `sample_posterior` is True (as the original training code does)."""
-        pixels = self.image_processor.preprocess(image, height=height, width=width)
+        pixels = self.image_processor.preprocess(integer_pixels_to_unit_range(image), height=height, width=width)
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(
                 f"`image` must be RGB, got a tensor of shape {tuple(pixels.shape)} after preprocessing; pass "

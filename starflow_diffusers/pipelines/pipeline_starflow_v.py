@@ -30,6 +30,7 @@ from .starflow_sampling import (
     StarFlowSamplingMixin,
     closest_trained_aspect_ratio,
     frame_size_for_aspect_ratio,
+    integer_pixels_to_unit_range,
     parse_aspect_ratio,
 )
 
@@ -463,7 +464,7 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
 
         Frames are resized and centre-cropped to (height, width); with a VAE, a clip whose length is not
         4k+1 is trimmed to the longest 4k+1 prefix (with a warning)."""
-        pixels = self.video_processor.preprocess_video(frames, height, width, resize_mode="crop")
+        pixels = self.video_processor.preprocess_video(integer_pixels_to_unit_range(frames), height, width, resize_mode="crop")
         if self.vae is None:
             return pixels.to(self._execution_device, torch.float32)
         if (pixels.shape[2] - 1) % self.vae_scale_factor_temporal:

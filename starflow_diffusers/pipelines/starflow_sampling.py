@@ -12,6 +12,7 @@ template and text encoding, input validation, frame-size resolution and the init
 import math
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from diffusers.utils import logging
@@ -27,6 +28,19 @@ logger = logging.get_logger(__name__)
 TRAINED_ASPECT_RATIOS = ("1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21")
 DENOISE_MODES = ("auto", "learned", "score", "none")
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+
+
+def integer_pixels_to_unit_range(images):
+    """Integer (e.g. uint8 from opencv or imageio) np arrays and tensors, alone or in a list, as float32 in
+    [0, 1]. diffusers' image and video processors read every np array as [0, 1] floats, so 0-255 values
+    would saturate; PIL images and float inputs are returned unchanged."""
+    if isinstance(images, (list, tuple)):
+        return [integer_pixels_to_unit_range(image) for image in images]
+    if isinstance(images, np.ndarray) and np.issubdtype(images.dtype, np.integer):
+        return images.astype(np.float32) / np.float32(np.iinfo(images.dtype).max)
+    if isinstance(images, torch.Tensor) and not images.is_floating_point() and images.dtype != torch.bool:
+        return images.float() / torch.iinfo(images.dtype).max
+    return images
 
 
 def parse_aspect_ratio(aspect_ratio: str) -> float:

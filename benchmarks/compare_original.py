@@ -3,7 +3,7 @@
 
 The fixed reference figures of issue 7 were taken on an idle machine; a shared 2-core VM varies by 2x
 from one minute to the next, so a fair comparison runs both implementations in one process, alternating
-(ours, original, ours, original, ...) and comparing medians. It also checks that both produce the same
+(ours, original, ours, original, ...) after one warm-up call each, and compares medians. It also checks that both produce the same
 sample. The original code is not part of this package: pass an extracted copy of its repository.
 
     git clone https://github.com/apple/ml-starflow /tmp/ml-starflow   # or any extracted copy
@@ -21,9 +21,7 @@ not needed); its Jacobi solver calls `torch.distributed.all_reduce` each iterati
 import argparse
 import ast
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,6 +34,7 @@ from sampling_speed import (  # noqa: E402
     SOLVER,
     TARGETS,
     CountingBlocks,
+    interleaved,
     load_inputs,
     load_transformer,
     machine_probe,
@@ -74,19 +73,6 @@ def build_original(src: Path, checkpoint: str, config: str):
     model.load_state_dict(state_dict, strict=True)
     torch.distributed.all_reduce = lambda *a, **k: None  # one process: the solver's all_reduce is the identity
     return model.eval().requires_grad_(False)
-
-
-def interleaved(functions: dict, repeats: int) -> dict:
-    """Median seconds of each function, called in turn `repeats` times after one warm-up round."""
-    for fn in functions.values():
-        fn()
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -130,7 +116,8 @@ def main() -> None:
                 modes.append((mode, repeats, lambda p=pipes[mode]: sample(p, noise, text),
                               lambda kw=kwargs: original(x, text, reverse=True, **common, **kw)))
             for mode, repeats, ours_fn, original_fn in modes:
-                medians = interleaved({"ours": ours_fn, "original": original_fn}, repeats)
+                ours_fn(), original_fn()  # warm-up
+                medians = interleaved({"ours": (ours_fn, repeats), "original": (original_fn, repeats)})
                 row[f"{mode}_s"], row[f"original_{mode}_s"] = medians["ours"], medians["original"]
                 row[f"{mode}_ratio"] = medians["ours"] / medians["original"]
                 if mode != "likelihood":

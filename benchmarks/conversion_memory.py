@@ -151,7 +151,7 @@ def main() -> None:
     checkpoint, output = workdir / f"{args.model}.pth", workdir / "converted"
     try:
         start = time.perf_counter()
-        weight_bytes = write_synthetic_checkpoint(shapes, checkpoint)
+        write_synthetic_checkpoint(shapes, checkpoint)
         write_s = time.perf_counter() - start
         checkpoint_bytes = checkpoint.stat().st_size
 

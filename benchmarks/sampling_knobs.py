@@ -3,7 +3,7 @@
 
 Every setting samples the same noise and text (`bench_small.inputs.safetensors`, guidance 4.5, no denoising)
 and is compared with the exact solution, the sequential inverse of the same flow:
-* time: median of `--repeats` runs after a warm-up; NFE as in `sampling_speed.py` (evaluate_chunk calls);
+* time: median of `--repeats` runs after a warm-up, every setting in turn (round-robin); NFE as in `sampling_speed.py` (evaluate_chunk calls);
 * deviation: max and mean absolute difference of the sample from the sequential one, and the mean one
   relative to the sample's mean magnitude. (A `local_window` smaller than the video also changes what the
   deep block attends to, so its deviation includes that approximation.)
@@ -15,9 +15,7 @@ Prints a table and one JSON line.
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ from sampling_speed import (  # noqa: E402
     GUIDANCE_SCALE,
     PARITY_DIR,
     CountingBlocks,
+    interleaved,
     load_inputs,
     load_transformer,
     make_pipeline,
@@ -70,23 +69,23 @@ def run(args) -> dict:
     with torch.no_grad():
         exact = make_pipeline(transformer, "sequential")(**kwargs).frames
 
-        def measure(knob, value, pipe, fuse=True):
+        def set_fused(fuse: bool) -> None:
             if fuse:
                 transformer.fuse_projections()
             else:
                 transformer.unfuse_projections()
+
+        settings_runs = {}
+
+        def measure(knob, value, pipe, fuse=True):
+            set_fused(fuse)
             counter = CountingBlocks()
-            with counter.active():
+            with counter.active():  # also the warm-up
                 latents = pipe(**kwargs).frames
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                pipe(**kwargs)
-                times.append(time.perf_counter() - start)
+            settings_runs[len(rows)] = (lambda: (set_fused(fuse), pipe(**kwargs)), args.repeats)
             rows.append({
                 "knob": knob,
                 "value": value,
-                "s": round(statistics.median(times), 3),
                 "nfe": counter.nfe,
                 "max_dev": float((latents - exact).abs().max()),
                 "mean_dev": float((latents - exact).abs().mean()),
@@ -99,6 +98,9 @@ def run(args) -> dict:
             convergence = settings.pop("convergence", "batch")
             measure(knob, value, make_pipeline(transformer, "jacobi", convergence, **settings))
         measure("fuse_projections", False, make_pipeline(transformer, "jacobi"), fuse=False)
+        # all settings in turn, round after round: a drift of the machine's speed affects them alike
+        for index, seconds in interleaved(settings_runs).items():
+            rows[index]["s"] = round(seconds, 3)
     return {"benchmark": "sampling_knobs", "frames": args.frames, "threads": args.threads, "rows": rows}
 
 

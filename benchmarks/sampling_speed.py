@@ -163,6 +163,19 @@ def timed(fn, repeats: int, warm_up: bool = True):
     return statistics.median(times), times
 
 
+def interleaved(functions: dict) -> dict:
+    """Median seconds of each {name: (fn, repeats)}, calling them in turn (a, b, a, b, ...) so that a drift of
+    the machine's speed affects all alike; a function stops once it has run `repeats` times. No warm-up."""
+    times = {name: [] for name in functions}
+    for round_index in range(max(repeats for _, repeats in functions.values())):
+        for name, (fn, repeats) in functions.items():
+            if round_index < repeats:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items() if t}
+
+
 def machine_probe() -> dict:
     """fp32 matmul throughput on the benchmark's threads, and the load average: how busy the machine is."""
     a = torch.randn(256, 256)
@@ -236,22 +249,25 @@ def run(args) -> dict:
             x = noise.to(dtype)
             row["likelihood_s"], _ = timed(lambda: transformer(x, text[:1]), args.repeats)
             row["likelihood_nfe"] = 1
+            timings = {}
             for mode, repeats in (("jacobi", args.repeats), ("sequential", args.sequential_repeats)):
                 if repeats == 0:
                     continue
                 pipe = make_pipeline(transformer, mode, args.convergence)
                 counter = CountingBlocks()
-                with counter.active():
+                with counter.active():  # also the warm-up
                     _, peak = peak_rss_increase(lambda: sample(pipe, noise, text))
                 row[f"{mode}_nfe"] = counter.nfe
                 row[f"{mode}_peak_mib"] = None if peak is None else round(peak / 2**20, 1)
-                # the counted call above was the warm-up
-                row[f"{mode}_s"], _ = timed(lambda: sample(pipe, noise, text), repeats, warm_up=False)
+                timings[mode] = (lambda pipe=pipe: sample(pipe, noise, text), repeats)
                 if mode == "jacobi":
                     row["kv_cache_bytes"] = max(n for block, n in counter.caches if block is transformer.deep_block)
                     if transformer.has_denoiser:
                         latents = sample(pipe, noise, text)
                         row["denoise_s"], _ = timed(lambda: pipe.denoise_latents(latents, text[:1], "learned"), args.repeats)
+            # Jacobi and sequential alternate, so their ratio is measured side by side
+            for mode, seconds in interleaved(timings).items():
+                row[f"{mode}_s"] = seconds
 
     # the KV caches of the same solve with the model in bf16 and in fp32
     frames = min(args.frames)
@@ -272,7 +288,7 @@ def run(args) -> dict:
 
     # long videos: a local window, cost linear in the number of frames
     if args.scaling_frames:
-        scaling = {}
+        scaling, runs = {}, {}
         with torch.no_grad():
             for frames in args.scaling_frames:
                 noise, text = load_inputs(inputs_path, transformer, frames)
@@ -280,10 +296,13 @@ def run(args) -> dict:
                     transformer, "jacobi", args.convergence, local_window=args.window, context_frames=args.context
                 )
                 counter = CountingBlocks()
-                with counter.active():
+                with counter.active():  # also the warm-up
                     sample(pipe, noise, text)
-                median, _ = timed(lambda: sample(pipe, noise, text), args.scaling_repeats, warm_up=False)
-                scaling[frames] = {"s": median, "nfe": counter.nfe}
+                scaling[frames] = {"nfe": counter.nfe}
+                runs[frames] = (lambda pipe=pipe, noise=noise, text=text: sample(pipe, noise, text), args.scaling_repeats)
+            # the lengths alternate, so their time ratio is measured side by side
+            for frames, seconds in interleaved(runs).items():
+                scaling[frames]["s"] = seconds
         small, large = min(args.scaling_frames), max(args.scaling_frames)
         result["scaling"] = {
             "window": args.window,

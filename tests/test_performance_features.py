@@ -19,14 +19,6 @@ from starflow_diffusers.models.transformer_starflow_v import (
 from starflow_diffusers.testing_utils import tiny_pipeline_components, tiny_transformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_pipe(**scheduler_kwargs):
     components = tiny_pipeline_components(with_vae=False)
     components["scheduler"] = JacobiFlowScheduler.from_config(components["scheduler"].config, **scheduler_kwargs)

@@ -23,15 +23,6 @@ SIZE = dict(height=32, width=32, num_frames=5)
 LATENT_SHAPE = (48, 2, 2, 2)  # (C, T_lat, H/16, W/16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tiny models run several times faster on one intra-op thread (no OpenMP hand-offs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_pipe(scheduler_kwargs=None, **pipe_kwargs):
     components = tiny_pipeline_components()
     if scheduler_kwargs:

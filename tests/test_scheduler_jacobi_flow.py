@@ -12,15 +12,6 @@ from starflow_diffusers import JacobiFlowScheduler, StarFlowVPipeline
 from starflow_diffusers.schedulers.scheduling_jacobi_flow import FlowChunk, JacobiFlowSchedulerOutput, flow_guidance
 from starflow_diffusers.testing_utils import tiny_pipeline_components
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tiny models run several times faster on one intra-op thread (no OpenMP hand-offs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 NON_DEFAULT_CONFIG = dict(
     mode="sequential",
     block_size=7,

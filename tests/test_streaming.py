@@ -12,14 +12,6 @@ from starflow_diffusers import JacobiFlowScheduler, StarFlowVPipeline
 from starflow_diffusers.testing_utils import tiny_pipeline_components
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_pipe(with_vae=True, **scheduler_kwargs):
     components = tiny_pipeline_components(with_vae=with_vae)
     components["scheduler"] = JacobiFlowScheduler.from_config(components["scheduler"].config, **scheduler_kwargs)

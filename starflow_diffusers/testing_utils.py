@@ -77,6 +77,20 @@ def tiny_pipeline_components(with_vae: bool = True, seed: int = 0) -> Dict[str, 
     )
 
 
+def tiny_pipeline(with_vae: bool = True, scheduler_kwargs: Optional[dict] = None, seed: int = 0, **overrides):
+    """A tiny StarFlowVPipeline with its progress bar off. `scheduler_kwargs` change the scheduler's config;
+    `overrides` replace components or set the pipeline's own arguments (e.g. `fps_conditioning`)."""
+    from .pipelines.pipeline_starflow_v import StarFlowVPipeline
+
+    components = tiny_pipeline_components(with_vae=with_vae, seed=seed)
+    if scheduler_kwargs:
+        components["scheduler"] = JacobiFlowScheduler.from_config(components["scheduler"].config, **scheduler_kwargs)
+    components.update(overrides)
+    pipe = StarFlowVPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_image_vae(seed: int = 0):
     """An SD-style AutoencoderKL: 4 latent channels, 2x spatial compression (2 ** (len(block_out_channels) - 1))."""
     from diffusers import AutoencoderKL

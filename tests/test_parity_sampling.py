@@ -1,7 +1,6 @@
 """Sampling through StarFlowVPipeline reproduces the original implementation's samples (../shared/parity)."""
 
 import pytest
-import torch
 
 from parity_utils import FORWARD_TOL, JACOBI_TOL, converted_model, fixture, max_err, to_diffusers_layout
 from starflow_diffusers import JacobiFlowScheduler, StarFlowVPipeline

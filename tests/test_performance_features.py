@@ -6,7 +6,7 @@ No timing assertions here: the speed targets live in benchmarks/sampling_speed.p
 import pytest
 import torch
 
-from starflow_diffusers import JacobiFlowScheduler, StarFlowVPipeline
+from starflow_diffusers import JacobiFlowScheduler
 from starflow_diffusers.models.transformer_starflow_v import (
     StarFlowFlowBlock,
     apply_rotary,
@@ -16,15 +16,8 @@ from starflow_diffusers.models.transformer_starflow_v import (
     rotary_phases,
     rotate_pairs,
 )
-from starflow_diffusers.testing_utils import tiny_pipeline_components, tiny_transformer
+from starflow_diffusers.testing_utils import tiny_pipeline, tiny_transformer
 
-
-def make_pipe(**scheduler_kwargs):
-    components = tiny_pipeline_components(with_vae=False)
-    components["scheduler"] = JacobiFlowScheduler.from_config(components["scheduler"].config, **scheduler_kwargs)
-    pipe = StarFlowVPipeline(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def sample(pipe, prompt="a red circle moving left", batch_seed=0, frames=3, **kwargs):
@@ -47,7 +40,7 @@ class CountingEvaluations:
 
 
 def test_fused_projections_give_the_same_samples(monkeypatch):
-    pipe = make_pipe()
+    pipe = tiny_pipeline(with_vae=False)
     counter = CountingEvaluations(monkeypatch)
     reference = sample(pipe)
     calls = counter.calls
@@ -61,7 +54,7 @@ def test_fused_projections_step_aside_for_an_unmerged_lora():
     pytest.importorskip("peft")
     from peft import LoraConfig
 
-    pipe = make_pipe()
+    pipe = tiny_pipeline(with_vae=False)
     pipe.transformer.fuse_projections()
     fused = sample(pipe)
     adapter = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
@@ -100,7 +93,7 @@ def test_kv_cache_bytes_follow_the_model_dtype():
 def test_per_sample_convergence_makes_a_batch_match_single_calls():
     prompts = ["a red circle moving left", "a blue square on the beach"]
     for convergence, atol in (("sample", 1e-5), ("batch", None)):
-        pipe = make_pipe(convergence=convergence, threshold=1e-2)
+        pipe = tiny_pipeline(with_vae=False, scheduler_kwargs=dict(convergence=convergence, threshold=1e-2))
         latents = torch.randn(2, 3, 3, 2, 2, generator=torch.Generator().manual_seed(3))
         batched = pipe(prompts, height=2, width=2, num_frames=3, latents=latents, output_type="latent").frames
         singles = torch.cat(
@@ -162,7 +155,7 @@ def test_chunk_evaluation_has_no_graph_break():
 @pytest.mark.slow
 def test_compiled_transformer_samples_like_eager():
     """Regional compilation (every transformer layer, `fullgraph=True`) through a whole sampling call."""
-    pipe = make_pipe()
+    pipe = tiny_pipeline(with_vae=False)
     pipe.transformer.fuse_projections()
     eager = sample(pipe, frames=3)
     torch._dynamo.reset()

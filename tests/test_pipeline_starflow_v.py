@@ -16,26 +16,17 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from starflow_diffusers import JacobiFlowScheduler, StarFlowVPipeline
 from starflow_diffusers.models.transformer_starflow_v import DENOISER_STEP, StarFlowFlowBlock
-from starflow_diffusers.testing_utils import tiny_pipeline_components, tiny_transformer
+from starflow_diffusers.testing_utils import tiny_pipeline, tiny_pipeline_components, tiny_transformer
 
 PIPELINE_LOGGER = "starflow_diffusers"  # the pipeline modules log under the package
 SIZE = dict(height=32, width=32, num_frames=5)
 LATENT_SHAPE = (48, 2, 2, 2)  # (C, T_lat, H/16, W/16)
 
 
-def make_pipe(scheduler_kwargs=None, **pipe_kwargs):
-    components = tiny_pipeline_components()
-    if scheduler_kwargs:
-        components["scheduler"] = JacobiFlowScheduler.from_config(components["scheduler"].config, **scheduler_kwargs)
-    components.update(pipe_kwargs)
-    pipe = StarFlowVPipeline(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
 
 @pytest.fixture
 def pipe():
-    return make_pipe()
+    return tiny_pipeline()
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +58,7 @@ def max_diff(a, b):
 
 
 def test_output_types():
-    pipe = make_pipe(scheduler_kwargs=dict(mode="sequential"))  # batch-consistent to float precision
+    pipe = tiny_pipeline(scheduler_kwargs=dict(mode="sequential"))  # batch-consistent to float precision
     video = run(pipe, ["a red circle", "a blue square"])
     assert isinstance(video, np.ndarray) and video.dtype in (np.float32, np.float64)
     assert video.shape == (2, 5, 32, 32, 3)
@@ -110,7 +101,7 @@ def test_return_dict_false_and_determinism(pipe):
 
 
 def test_save_load_round_trip(tmp_path):
-    pipe = make_pipe(
+    pipe = tiny_pipeline(
         scheduler_kwargs=dict(mode="sequential"),
         fps_conditioning=False,
         noise_level_conditioning=True,
@@ -148,7 +139,7 @@ def test_components(pipe):
 
 @pytest.mark.parametrize("mode", ["sequential", "jacobi"])
 def test_batch_consistency(mode):
-    pipe = make_pipe(scheduler_kwargs=dict(mode=mode))
+    pipe = tiny_pipeline(scheduler_kwargs=dict(mode=mode))
     latents = noise(batch=2, seed=7)
     prompts = ["a red circle moving left", "a blue square on the beach"]
     batched = pipe(prompts, latents=latents, output_type="latent").frames
@@ -165,7 +156,7 @@ def test_batch_consistency(mode):
 
 
 def test_batch_consistency_pixels():
-    pipe = make_pipe(scheduler_kwargs=dict(mode="sequential"))
+    pipe = tiny_pipeline(scheduler_kwargs=dict(mode="sequential"))
     latents = noise(batch=2, seed=8)
     prompts = ["a red circle", "a dog running at sunset"]
     batched = pipe(prompts, latents=latents).frames
@@ -213,7 +204,7 @@ def test_classifier_free_guidance(pipe, monkeypatch):
 
 @pytest.mark.parametrize("mode, expected_chunks", [("sequential", 8), ("jacobi", 2)])
 def test_callback_called_per_chunk(mode, expected_chunks):
-    pipe = make_pipe(scheduler_kwargs=dict(mode=mode))
+    pipe = tiny_pipeline(scheduler_kwargs=dict(mode=mode))
     calls = []
 
     def callback(p, index, timestep, kwargs):
@@ -242,7 +233,7 @@ def deep_block_forward(pipe, latents, prompt_embeds):
 
 
 def test_callback_latents_are_the_deep_block_state():
-    pipe = make_pipe(scheduler_kwargs=dict(mode="sequential"))
+    pipe = tiny_pipeline(scheduler_kwargs=dict(mode="sequential"))
     latents = noise(seed=3)
     prompt_embeds = torch.randn(1, 16, 16, generator=gen(4))
     seen = {}
@@ -482,7 +473,7 @@ def test_apply_prompt_template_flags(shared_components, flags, fps):
 
 
 def test_denoise_modes():
-    pipe = make_pipe(scheduler_kwargs=dict(mode="sequential"))
+    pipe = tiny_pipeline(scheduler_kwargs=dict(mode="sequential"))
     latents = noise(seed=6)
     prompt_embeds = torch.randn(1, 16, 16, generator=gen(6))
     outs = {
@@ -508,7 +499,7 @@ def test_denoise_modes():
 
 
 def test_denoise_without_learned_denoiser():
-    pipe = make_pipe(transformer=tiny_transformer(denoiser_num_layers=0))
+    pipe = tiny_pipeline(transformer=tiny_transformer(denoiser_num_layers=0))
     assert not pipe.transformer.has_denoiser
     with pytest.raises(ValueError, match="learned"):
         run(pipe, denoise="learned", output_type="latent")
@@ -523,7 +514,7 @@ def test_denoise_without_learned_denoiser():
 
 
 def test_long_video_sliding_window():
-    pipe = make_pipe(scheduler_kwargs=dict(mode="sequential"))
+    pipe = tiny_pipeline(scheduler_kwargs=dict(mode="sequential"))
     assert pipe.transformer.config.trained_latent_frames == 2
     latents = noise(latent_frames=4, seed=9)
     video = pipe("a red circle moving left", generator=gen(9), num_frames=13, height=32, width=32).frames
@@ -542,7 +533,7 @@ def test_long_video_sliding_window():
 def test_long_video_windows_invert_the_deep_block():
     """Spec section 5: each later window re-encodes the last `context_frames` solved frames with a fresh SOS and
     positions from 0, then solves the next frames; check every window with the deep block's own forward pass."""
-    pipe = make_pipe(scheduler_kwargs=dict(mode="sequential"))
+    pipe = tiny_pipeline(scheduler_kwargs=dict(mode="sequential"))
     latents = noise(latent_frames=4, seed=11)
     prompt_embeds = torch.randn(1, 16, 16, generator=gen(11))
     seen = {}
@@ -600,7 +591,7 @@ def spec_frame_size(aspect, base, multiple=16):
     [("16:9", None, None), ("1:2", 32, None), ("1:1", 48, None), ("1:1", 48, "2:1")],
 )
 def test_default_size(default_aspect_ratio, base_frame_size, call_aspect_ratio):
-    pipe = make_pipe(default_aspect_ratio=default_aspect_ratio, base_frame_size=base_frame_size)
+    pipe = tiny_pipeline(default_aspect_ratio=default_aspect_ratio, base_frame_size=base_frame_size)
     base = base_frame_size or pipe.transformer.config.sample_size * 16
     h, w = spec_frame_size(call_aspect_ratio or default_aspect_ratio, base)
     latents = pipe(

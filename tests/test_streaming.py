@@ -8,16 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from starflow_diffusers import JacobiFlowScheduler, StarFlowVPipeline
-from starflow_diffusers.testing_utils import tiny_pipeline_components
+from starflow_diffusers.testing_utils import tiny_pipeline
 
-
-def make_pipe(with_vae=True, **scheduler_kwargs):
-    components = tiny_pipeline_components(with_vae=with_vae)
-    components["scheduler"] = JacobiFlowScheduler.from_config(components["scheduler"].config, **scheduler_kwargs)
-    pipe = StarFlowVPipeline(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def call_kwargs(latent_frames=6, seed=0, vae=True, **kwargs):
@@ -48,7 +40,7 @@ def stream_items(pipe, **kwargs):
 
 @pytest.mark.parametrize("denoise", ["learned", "none"])
 def test_streamed_frames_equal_the_output_and_come_early(denoise):
-    pipe = make_pipe(convergence="sample")
+    pipe = tiny_pipeline(scheduler_kwargs=dict(convergence="sample"))
     full = pipe(**call_kwargs(denoise=denoise)).frames
     items, recorder = stream_items(pipe, **call_kwargs(denoise=denoise))
     num_chunks = pipe.num_timesteps
@@ -66,7 +58,7 @@ def test_streamed_frames_equal_the_output_and_come_early(denoise):
 
 
 def test_first_frame_timing_follows_the_denoiser_reach():
-    pipe = make_pipe(with_vae=False, convergence="sample")
+    pipe = tiny_pipeline(with_vae=False, scheduler_kwargs=dict(convergence="sample"))
     items, _ = stream_items(pipe, **call_kwargs(vae=False, denoise="learned", output_type="latent"))
     # window 2 with overlap 1: the first window (frames 0, 1) is complete once 2 frames are solved
     assert [item.shape[2] for item, _ in items] == [2, 1, 1, 1, 1]
@@ -77,7 +69,7 @@ def test_first_frame_timing_follows_the_denoiser_reach():
 
 
 def test_final_frames_in_one_long_window():
-    pipe = make_pipe(with_vae=False)
+    pipe = tiny_pipeline(with_vae=False)
     # one 20-frame window: "score" waits for the whole window, "learned" for R = 2 layers x 1 frame ahead
     reach = pipe.transformer.config.denoiser_num_layers * pipe.transformer.config.denoiser_lookahead
     assert reach == 2
@@ -88,14 +80,14 @@ def test_final_frames_in_one_long_window():
 
 @pytest.mark.parametrize("denoise", ["score", "learned"])
 def test_streamed_latents_equal_sampled_latents(denoise):
-    pipe = make_pipe(with_vae=False, convergence="sample")
+    pipe = tiny_pipeline(with_vae=False, scheduler_kwargs=dict(convergence="sample"))
     full = pipe(**call_kwargs(vae=False, denoise=denoise, output_type="latent")).frames
     items, _ = stream_items(pipe, **call_kwargs(vae=False, denoise=denoise, output_type="latent"))
     torch.testing.assert_close(torch.cat([item for item, _ in items], dim=2), full, rtol=0, atol=1e-5)
 
 
 def test_sequential_solve_streams_early():
-    pipe = make_pipe(with_vae=False, mode="sequential")
+    pipe = tiny_pipeline(with_vae=False, scheduler_kwargs=dict(mode="sequential"))
     full = pipe(**call_kwargs(latent_frames=3, vae=False, denoise="none", output_type="pt")).frames
     items, recorder = stream_items(pipe, **call_kwargs(latent_frames=3, vae=False, denoise="none", output_type="pt"))
     # 4 tokens per frame, one token per chunk: frame 0 is out after 4 of 12 chunks
@@ -105,7 +97,7 @@ def test_sequential_solve_streams_early():
 
 def test_batch_convergence_streams_once_the_deep_block_is_done():
     # the original's batch-wide Jacobi rule couples the frames of the shallow blocks: nothing is final earlier
-    pipe = make_pipe(with_vae=False)
+    pipe = tiny_pipeline(with_vae=False)
     assert pipe.scheduler.config.convergence == "batch"
     kwargs = call_kwargs(vae=False, denoise="learned", output_type="latent")
     full = pipe(**kwargs).frames
@@ -117,7 +109,7 @@ def test_batch_convergence_streams_once_the_deep_block_is_done():
 
 
 def test_stream_with_a_batch_and_pil_output():
-    pipe = make_pipe(convergence="sample")
+    pipe = tiny_pipeline(scheduler_kwargs=dict(convergence="sample"))
     kwargs = dict(num_videos_per_prompt=2, denoise="learned", output_type="pil")
     full = pipe(**call_kwargs(latent_frames=3, **kwargs)).frames
     items = list(pipe.stream(**call_kwargs(latent_frames=3, **kwargs)))
@@ -130,7 +122,7 @@ def test_stream_with_a_batch_and_pil_output():
 
 
 def test_stream_checks_arguments_before_returning():
-    pipe = make_pipe(convergence="sample")
+    pipe = tiny_pipeline(scheduler_kwargs=dict(convergence="sample"))
     with pytest.raises(ValueError, match="return_dict"):
         pipe.stream(**call_kwargs(), return_dict=False)
     with pytest.raises(ValueError, match="output_type"):
@@ -141,7 +133,7 @@ def test_stream_checks_arguments_before_returning():
 
 
 def test_stream_refuses_a_tiled_vae():
-    pipe = make_pipe()
+    pipe = tiny_pipeline()
     pipe.vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16)
     with pytest.raises(ValueError, match="disable_tiling"):
         next(pipe.stream(**call_kwargs(latent_frames=2)))

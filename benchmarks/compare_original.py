@@ -16,12 +16,16 @@ The original model is built the way its `sample.py` does (its `train.py` argumen
 `utils/model_setup.setup_transformer`, executed from the given source so that their unrelated imports are
 not needed); its Jacobi solver calls `torch.distributed.all_reduce` each iteration, which is made a no-op
 (one process). Prints a table and one JSON line.
+
+`--compile` times our transformer compiled (every layer, dynamic shapes, inductor freezing); each shape's
+first call compiles (minutes on a 2-core CPU) and is reported as `<mode>_warmup_s`, outside the medians.
 """
 
 import argparse
 import ast
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -85,6 +89,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sequential-repeats", type=int, default=2, help="0 skips sequential sampling")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true",
+                        help="time our transformer compiled: compile_repeated_blocks(fullgraph=True, dynamic=True) with "
+                             "inductor freezing (weights become constants of the compiled graph)")
     args = parser.parse_args()
     src = Path(args.original_src)
     if not (src / "transformer_flow.py").is_file():
@@ -96,7 +103,13 @@ def main() -> None:
     ours = load_transformer(args.model, config, torch.float32)
     ours.fuse_projections()
     result = {"benchmark": "compare_original", "model": args.model, "threads": args.threads, "repeats": args.repeats,
-              "probe_before": machine_probe(), "frames": {}}
+              "compile": args.compile, "probe_before": machine_probe(), "frames": {}}
+    if args.compile:
+        import torch._inductor.config
+
+        torch._inductor.config.freezing = True
+        torch._dynamo.config.recompile_limit = 64  # chunk lengths, cache lengths and masks vary
+        ours.compile_repeated_blocks(fullgraph=True, dynamic=True)
     w = GUIDANCE_SCALE - 1.0
     original_solver = dict(jacobi_block_size=SOLVER["block_size"], jacobi_th=SOLVER["threshold"],
                            jacobi_max_iter=SOLVER["max_iterations"])
@@ -116,7 +129,10 @@ def main() -> None:
                 modes.append((mode, repeats, lambda p=pipes[mode]: sample(p, noise, text),
                               lambda kw=kwargs: original(x, text, reverse=True, **common, **kw)))
             for mode, repeats, ours_fn, original_fn in modes:
-                ours_fn(), original_fn()  # warm-up
+                start = time.perf_counter()
+                ours_fn()  # warm-up (with --compile: compiles what this shape needs)
+                row[f"{mode}_warmup_s"] = time.perf_counter() - start
+                original_fn()
                 medians = interleaved({"ours": (ours_fn, repeats), "original": (original_fn, repeats)})
                 row[f"{mode}_s"], row[f"original_{mode}_s"] = medians["ours"], medians["original"]
                 row[f"{mode}_ratio"] = medians["ours"] / medians["original"]

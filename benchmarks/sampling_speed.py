@@ -151,10 +151,9 @@ def peak_rss_increase(fn):
     return result, _status_bytes("VmHWM") - before
 
 
-def timed(fn, repeats: int, warm_up: bool = True):
-    """(median seconds, all seconds) of `repeats` calls, after one warm-up call unless already warm."""
-    if warm_up:
-        fn()
+def timed(fn, repeats: int):
+    """(median seconds, all seconds) of `repeats` calls, after one warm-up call."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

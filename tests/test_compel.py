@@ -5,13 +5,11 @@ import torch
 
 compel = pytest.importorskip("compel")
 
-from starflow_diffusers import StarFlowVPipeline
-from starflow_diffusers.testing_utils import tiny_pipeline_components
+from starflow_diffusers.testing_utils import tiny_pipeline
 
 
 def test_compel_weighted_prompt_embeds_drive_the_pipeline():
-    pipe = StarFlowVPipeline(**tiny_pipeline_components())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_pipeline()
     pipe.tokenizer.model_max_length = pipe.text_length
     builder = compel.Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
     template = dict(fps=16, aspect_ratio="1:1")
@@ -31,7 +29,7 @@ def test_compel_weighted_prompt_embeds_drive_the_pipeline():
 
 
 def test_prompt_embeds_of_the_wrong_length_are_rejected():
-    pipe = StarFlowVPipeline(**tiny_pipeline_components())
+    pipe = tiny_pipeline()
     embeds = torch.zeros(1, pipe.text_length + 3, pipe.transformer.config.text_embed_dim)
     with pytest.raises(ValueError, match="prompt_embeds"):
         pipe(prompt_embeds=embeds, guidance_scale=1.0, height=32, width=32, num_frames=5)

@@ -15,7 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from starflow_diffusers import StarFlowPipeline, StarFlowVImageToVideoPipeline, StarFlowVPipeline, StarFlowVVideoToVideoPipeline
 from starflow_diffusers.loaders import StarFlowVLoraLoaderMixin
-from starflow_diffusers.testing_utils import tiny_pipeline_components, tiny_transformer
+from starflow_diffusers.testing_utils import tiny_pipeline, tiny_pipeline_components, tiny_transformer
 from starflow_diffusers.training import synthetic
 from starflow_diffusers.training.data import VideoCaptionDataset, read_video
 from starflow_diffusers.training.train_lora import parse_args, resolve_target_modules, train
@@ -26,7 +26,7 @@ TARGETS = [f"{DEEP}.0.attn.to_q", f"{DEEP}.0.attn.to_v", f"{DEEP}.1.ff.net.2"]
 
 
 def _pipe():
-    return StarFlowVPipeline(**tiny_pipeline_components(with_vae=False))
+    return tiny_pipeline(with_vae=False)
 
 
 def _add_random_lora(transformer, name, rank=4, alpha=8, seed=1):

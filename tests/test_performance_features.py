@@ -19,7 +19,6 @@ from starflow_diffusers.models.transformer_starflow_v import (
 from starflow_diffusers.testing_utils import tiny_pipeline, tiny_transformer
 
 
-
 def sample(pipe, prompt="a red circle moving left", batch_seed=0, frames=3, **kwargs):
     return pipe(
         prompt, height=2, width=2, num_frames=frames, generator=torch.Generator().manual_seed(batch_seed),

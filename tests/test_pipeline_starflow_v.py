@@ -23,7 +23,6 @@ SIZE = dict(height=32, width=32, num_frames=5)
 LATENT_SHAPE = (48, 2, 2, 2)  # (C, T_lat, H/16, W/16)
 
 
-
 @pytest.fixture
 def pipe():
     return tiny_pipeline()

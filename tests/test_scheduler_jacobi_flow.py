@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from starflow_diffusers import JacobiFlowScheduler, StarFlowVPipeline
+from starflow_diffusers import JacobiFlowScheduler
 from starflow_diffusers.schedulers.scheduling_jacobi_flow import FlowChunk, JacobiFlowSchedulerOutput, flow_guidance
-from starflow_diffusers.testing_utils import tiny_pipeline_components
+from starflow_diffusers.testing_utils import tiny_pipeline
+
 
 NON_DEFAULT_CONFIG = dict(
     mode="sequential",
@@ -416,14 +417,6 @@ def test_flow_guidance_ratio_clipped():
 # ---- Jacobi converges to the sequential solution ------------------------------------------------------------
 
 
-def _tiny_pipe(**scheduler_kwargs):
-    components = tiny_pipeline_components()
-    components["scheduler"] = JacobiFlowScheduler.from_config(components["scheduler"].config, **scheduler_kwargs)
-    pipe = StarFlowVPipeline(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _inputs(latent_frames=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(1, 48, latent_frames, 2, 2, generator=g)
@@ -444,8 +437,8 @@ def test_jacobi_converges_to_sequential(guidance_scale):
     if guidance_scale > 1:
         kwargs["negative_prompt_embeds"] = torch.zeros_like(prompt_embeds)
     # block 2 on 4-token frames: several chunks per frame and warm-started chunks after the first frame
-    sequential = _tiny_pipe(mode="sequential")
-    jacobi = _tiny_pipe(mode="jacobi", block_size=2, threshold=1e-8, max_iterations=100)
+    sequential = tiny_pipeline(scheduler_kwargs=dict(mode="sequential"))
+    jacobi = tiny_pipeline(scheduler_kwargs=dict(mode="jacobi", block_size=2, threshold=1e-8, max_iterations=100))
     out_seq = _sample(sequential, latents, prompt_embeds, **kwargs)
     out_jac = _sample(jacobi, latents, prompt_embeds, **kwargs)
     assert sequential.num_timesteps == 8 and jacobi.num_timesteps < 8
@@ -453,14 +446,14 @@ def test_jacobi_converges_to_sequential(guidance_scale):
     assert out_seq.shape == latents.shape
     torch.testing.assert_close(out_jac, out_seq, rtol=0, atol=1e-4)
     # a single-iteration Jacobi solve is not the inverse: the comparison above can fail
-    rough = _tiny_pipe(mode="jacobi", block_size=4, max_iterations=1)
+    rough = tiny_pipeline(scheduler_kwargs=dict(mode="jacobi", block_size=4, max_iterations=1))
     assert (_sample(rough, latents, prompt_embeds, **kwargs) - out_seq).abs().max() > 1e-3
 
 
 def test_jacobi_long_video_matches_sequential():
     latents, prompt_embeds = _inputs(latent_frames=4, seed=1)
-    sequential = _tiny_pipe(mode="sequential")
-    jacobi = _tiny_pipe(mode="jacobi", block_size=2, threshold=1e-8, max_iterations=100)
+    sequential = tiny_pipeline(scheduler_kwargs=dict(mode="sequential"))
+    jacobi = tiny_pipeline(scheduler_kwargs=dict(mode="jacobi", block_size=2, threshold=1e-8, max_iterations=100))
     out_seq = _sample(sequential, latents, prompt_embeds, guidance_scale=1.0)
     out_jac = _sample(jacobi, latents, prompt_embeds, guidance_scale=1.0)
     assert any(c.context is not None for c in jacobi.scheduler.chunks)
@@ -470,7 +463,7 @@ def test_jacobi_long_video_matches_sequential():
 @pytest.mark.parametrize("mode", ["sequential", "jacobi"])
 def test_sample_inverts_forward_pass(mode):
     latents, prompt_embeds = _inputs(seed=2)
-    pipe = _tiny_pipe(mode=mode, block_size=2, threshold=1e-8, max_iterations=100)
+    pipe = tiny_pipeline(scheduler_kwargs=dict(mode=mode, block_size=2, threshold=1e-8, max_iterations=100))
     out = _sample(pipe, latents, prompt_embeds, guidance_scale=1.0)
     with torch.no_grad():
         z = pipe.transformer(out, prompt_embeds).sample

@@ -11,7 +11,6 @@ import torch
 from starflow_diffusers.testing_utils import tiny_pipeline
 
 
-
 def call_kwargs(latent_frames=6, seed=0, vae=True, **kwargs):
     """2x2 latent frames: 32x32 pixels through the 16x VAE, 4k+1 frames; or 2x2 pixel frames without it."""
     size = dict(height=32, width=32, num_frames=4 * (latent_frames - 1) + 1) if vae else dict(

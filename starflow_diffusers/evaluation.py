@@ -17,7 +17,7 @@ shape's area; its centroid gives the object's track. Per captioned object:
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -163,17 +163,34 @@ def analyze_clip(frames, spec: ClipSpec) -> ClipResult:
     return ClipResult(objects, extra)
 
 
-def summarize(results: Sequence[ClipResult]) -> Dict[str, float]:
-    """Rates over every captioned object of `results`: colour accuracy, direction accuracy, persistence; and
-    the fraction of clips with a colour the caption does not name."""
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> Tuple[float, float]:
+    """The Wilson score interval of a rate of `successes` in `trials` (95% for z = 1.96): how far a rate
+    measured on this many objects can be from the model's true rate. It stays inside [0, 1] and is not
+    empty at 0% or 100%, unlike the normal approximation."""
+    if trials < 1 or not 0 <= successes <= trials:
+        raise ValueError(f"Need 0 <= successes <= trials and trials >= 1, got {successes} of {trials}.")
+    rate = successes / trials
+    denominator = 1 + z**2 / trials
+    centre = (rate + z**2 / (2 * trials)) / denominator
+    half_width = z * math.sqrt(rate * (1 - rate) / trials + z**2 / (4 * trials**2)) / denominator
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)
+
+
+def summarize(results: Sequence[ClipResult]) -> Dict[str, Any]:
+    """Rates over every captioned object of `results`: colour accuracy, direction accuracy, persistence (each
+    with its 95% Wilson interval as `<name>_ci95`); and the fraction of clips with a colour the caption does
+    not name."""
     objects = [obj for result in results for obj in result.objects]
     if not objects:
         raise ValueError("`results` holds no captioned object.")
-    return {
-        "colour_accuracy": float(np.mean([obj.colour_correct for obj in objects])),
-        "direction_accuracy": float(np.mean([obj.direction_correct for obj in objects])),
-        "persistence": float(np.mean([obj.persistent for obj in objects])),
-        "extra_object_rate": float(np.mean([bool(result.extra_colours) for result in results])),
-        "num_clips": len(results),
-        "num_objects": len(objects),
-    }
+    scores = {}
+    for name, attribute in (
+        ("colour_accuracy", "colour_correct"), ("direction_accuracy", "direction_correct"), ("persistence", "persistent"),
+    ):
+        successes = sum(getattr(obj, attribute) for obj in objects)
+        scores[name] = successes / len(objects)
+        scores[f"{name}_ci95"] = wilson_interval(successes, len(objects))
+    scores["extra_object_rate"] = float(np.mean([bool(result.extra_colours) for result in results]))
+    scores["num_clips"] = len(results)
+    scores["num_objects"] = len(objects)
+    return scores

@@ -13,6 +13,7 @@ from starflow_diffusers.evaluation import (
     summarize,
     to_uint8_frames,
     track_direction,
+    wilson_interval,
 )
 from starflow_diffusers.training.synthetic import COLOURS, ClipSpec, ObjectSpec, generate_clips, render_clip
 
@@ -73,3 +74,29 @@ def test_track_direction_and_input_checks():
         to_uint8_frames(np.zeros((4, 4, 3)))
     with pytest.raises(ValueError, match="no captioned object"):
         summarize([])
+
+
+def test_wilson_interval_brackets_the_rate_and_narrows_with_more_objects():
+    for successes, trials in ((0, 10), (7, 10), (10, 10), (87, 98), (98, 98)):
+        low, high = wilson_interval(successes, trials)
+        assert 0.0 <= low <= successes / trials <= high <= 1.0
+        assert high - low > 0  # never empty, even at 0% or 100%
+        # the bounds are the rates p at which the measured rate is 1.96 standard errors of p away
+        for bound in (low, high):
+            assert (successes / trials - bound) ** 2 == pytest.approx(1.96**2 * bound * (1 - bound) / trials, abs=1e-12)
+        # the interval of the failures is the mirror image
+        mirror_low, mirror_high = wilson_interval(trials - successes, trials)
+        assert mirror_low == pytest.approx(1 - high) and mirror_high == pytest.approx(1 - low)
+    small, large = wilson_interval(7, 10), wilson_interval(700, 1000)
+    assert large[1] - large[0] < (small[1] - small[0]) / 5
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(11, 10)
+
+
+def test_summarize_reports_the_interval_of_each_rate():
+    clip = generate_clips(1, "test", seed=7, max_objects=1)[0]
+    still = np.repeat(clip.frames[:1], len(clip.frames), axis=0)
+    scores = summarize([analyze_clip(clip.frames, clip.spec), analyze_clip(still, clip.spec)])
+    assert scores["direction_accuracy"] == 0.5 and scores["persistence"] == 1.0
+    assert scores["direction_accuracy_ci95"] == wilson_interval(1, 2)
+    assert scores["persistence_ci95"] == wilson_interval(2, 2)

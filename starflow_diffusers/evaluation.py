@@ -169,6 +169,8 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> Tuple[float
     empty at 0% or 100%, unlike the normal approximation."""
     if trials < 1 or not 0 <= successes <= trials:
         raise ValueError(f"Need 0 <= successes <= trials and trials >= 1, got {successes} of {trials}.")
+    if not z > 0:
+        raise ValueError(f"`z` must be > 0 (1.96 for a 95% interval), got {z}.")
     rate = successes / trials
     denominator = 1 + z**2 / trials
     centre = (rate + z**2 / (2 * trials)) / denominator

@@ -91,6 +91,8 @@ def test_wilson_interval_brackets_the_rate_and_narrows_with_more_objects():
     assert large[1] - large[0] < (small[1] - small[0]) / 5
     with pytest.raises(ValueError, match="successes"):
         wilson_interval(11, 10)
+    with pytest.raises(ValueError, match="`z`"):
+        wilson_interval(5, 10, z=-1.96)
 
 
 def test_summarize_reports_the_interval_of_each_rate():

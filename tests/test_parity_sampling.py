@@ -2,6 +2,7 @@
 
 import pytest
 
+from starflow_diffusers.models import transformer_starflow_v
 from parity_utils import FORWARD_TOL, JACOBI_TOL, converted_model, fixture, max_err, to_diffusers_layout
 from starflow_diffusers import JacobiFlowScheduler, StarFlowVPipeline
 
@@ -50,6 +51,25 @@ def test_video_sampling_parity(key, mode, guided, denoise, noise_key, extra, tol
     ).frames
     assert out.shape == noise.shape
     assert max_err(to_diffusers_layout(out), tensors[key]) <= tol
+
+
+@pytest.mark.parametrize("key", ["rev_jacobi_cfg", "long_jacobi_cfg"])
+def test_jacobi_parity_with_chunk_attention_forced(monkeypatch, key):
+    """The tiny fixtures' chunks are below the size where `chunk_attention` replaces SDPA; force it."""
+    monkeypatch.setattr(transformer_starflow_v, "CHUNK_ATTENTION_MIN_QUERIES", 2)
+    monkeypatch.setattr(transformer_starflow_v, "CHUNK_ATTENTION_MIN_SCORES", 0)
+    used = []
+    attention = transformer_starflow_v.chunk_attention
+    monkeypatch.setattr(transformer_starflow_v, "chunk_attention", lambda *a: used.append(1) or attention(*a))
+    tensors, settings = fixture("video_tiny")
+    pipe = _pipeline(tensors, settings, "jacobi", "long" if key.startswith("long") else {})
+    noise = to_diffusers_layout(tensors["long_sample_noise" if key.startswith("long") else "sample_noise"])
+    out = pipe(
+        prompt_embeds=tensors["y"], negative_prompt_embeds=tensors["y_null"], latents=noise,
+        guidance_scale=1.0 + settings["cfg_scale"], denoise="none", output_type="latent",
+    ).frames
+    assert used
+    assert max_err(to_diffusers_layout(out), tensors[key]) <= JACOBI_TOL
 
 
 def test_long_video_uses_sliding_window_plan():

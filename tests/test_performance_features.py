@@ -1,4 +1,5 @@
-"""Inference-speed features: fused q/k/v projections in the pipeline, the KV cache in the model dtype,
+"""Inference-speed features: fused q/k/v projections in the pipeline, chunk attention on CPU, the KV cache in
+the model dtype,
 per-sequence Jacobi convergence, and torch.compile without graph breaks in the chunk evaluation.
 
 No timing assertions here: the speed targets live in benchmarks/sampling_speed.py."""
@@ -9,12 +10,15 @@ import torch
 from starflow_diffusers import JacobiFlowScheduler
 from starflow_diffusers.models.transformer_starflow_v import (
     StarFlowFlowBlock,
+    StarFlowKVCache,
     apply_rotary,
+    chunk_attention,
     prefix_causal_mask,
     rope_angles,
     rope_positions,
     rotary_phases,
     rotate_pairs,
+    use_chunk_attention,
 )
 from starflow_diffusers.testing_utils import tiny_pipeline, tiny_transformer
 
@@ -80,6 +84,43 @@ def test_rotation_as_a_complex_product_matches_the_rotary_formula():
 def test_prefix_causal_mask():
     mask = prefix_causal_mask(3, 2)
     assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_chunk_attention_matches_sdpa(masked):
+    query, key, value = torch.randn(2, 3, 8, 16), torch.randn(2, 3, 20, 16), torch.randn(2, 3, 20, 16)
+    mask = None
+    if masked:
+        allowed = prefix_causal_mask(12, 8)
+        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    workspace = torch.full((2 * 3 * 8 * 20 + 7,), float("nan"))  # stale contents must not leak in
+    out = chunk_attention(query, key, value, mask, workspace[: 2 * 3 * 8 * 20])
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_chunk_attention_is_used_only_where_it_pays():
+    chunk, prefix = torch.randn(2, 3, 128, 64), torch.randn(2, 3, 784, 64)
+    mask = torch.zeros(128, 784)
+    with torch.no_grad():
+        assert use_chunk_attention(chunk, prefix, mask, is_causal=False)
+        assert use_chunk_attention(chunk, prefix, None, is_causal=False)
+        # a single query, a small score matrix, causal attention from position 0, bf16, a boolean mask
+        assert not use_chunk_attention(chunk[:, :, :1], prefix, None, is_causal=False)
+        assert not use_chunk_attention(chunk[:, :, :32], prefix[:, :, :48], mask[:32, :48], is_causal=False)
+        assert not use_chunk_attention(chunk, prefix[:, :, :128], None, is_causal=True)
+        assert not use_chunk_attention(chunk.bfloat16(), prefix.bfloat16(), None, is_causal=False)
+        assert not use_chunk_attention(chunk, prefix, mask.bool(), is_causal=False)
+    # training needs autograd through attention: the in-place workspace path is for inference only
+    assert not use_chunk_attention(chunk, prefix, mask, is_causal=False)
+
+
+def test_scores_workspace_is_reused():
+    cache = StarFlowKVCache(1, 1, 1, 4, 2, torch.float32, "cpu")
+    large = cache.scores_workspace(100)
+    small = cache.scores_workspace(30)
+    assert large.numel() == 100 and small.numel() == 30
+    assert small.data_ptr() == large.data_ptr()
 
 
 def test_kv_cache_bytes_follow_the_model_dtype():

@@ -115,6 +115,16 @@ def test_chunk_attention_is_used_only_where_it_pays():
     assert not use_chunk_attention(chunk, prefix, mask, is_causal=False)
 
 
+def test_prefix_causal_bias_is_built_once_per_chunk():
+    cache = StarFlowKVCache(1, 1, 1, 16, 2, torch.float32, "cpu")
+    cache.advance(3)
+    bias = cache.prefix_causal_bias(2, torch.float32)
+    assert bias.tolist() == [[0.0, 0.0, 0.0, 0.0, float("-inf")], [0.0, 0.0, 0.0, 0.0, 0.0]]
+    assert cache.prefix_causal_bias(2, torch.float32) is bias  # the chunk's next iteration
+    cache.advance(2)
+    assert cache.prefix_causal_bias(2, torch.float32).shape == (2, 7)
+
+
 def test_scores_workspace_is_reused():
     cache = StarFlowKVCache(1, 1, 1, 4, 2, torch.float32, "cpu")
     large = cache.scores_workspace(100)

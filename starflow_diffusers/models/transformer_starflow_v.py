@@ -169,6 +169,7 @@ class StarFlowKVCache:
         self.length = 0
         # attention scores of `chunk_attention`, reused by every layer and iteration (see there)
         self._scores = torch.empty(0, dtype=dtype, device=device)
+        self._bias, self._bias_key = None, None
 
     def _split_layers(self) -> None:
         # per-layer views, so a write or a read is one slice instead of an index and a slice
@@ -192,15 +193,25 @@ class StarFlowKVCache:
         if end > self.max_length:
             raise ValueError(f"KV cache overflow: {end} positions requested, capacity {self.max_length}.")
         keys, values = self._layer_keys[layer], self._layer_values[layer]
-        keys[:, :, self.length : end] = key
-        values[:, :, self.length : end] = value
-        return keys[:, :, :end], values[:, :, :end]
+        # narrow + copy_: a sequential solve writes one position per call, where indexing costs more than the copy
+        keys.narrow(2, self.length, key.shape[2]).copy_(key)
+        values.narrow(2, self.length, value.shape[2]).copy_(value)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def advance(self, num_positions: int) -> None:
         self.length += num_positions
 
     def truncate(self, length: int) -> None:
         self.length = max(0, min(length, self.length))
+
+    def prefix_causal_bias(self, length: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive `prefix_causal_mask` of a `length`-token chunk after the cached positions, kept while the
+        chunk's Jacobi iterations reuse it."""
+        key = (self.length, length, dtype)
+        if self._bias_key != key:
+            self._bias = additive_mask(prefix_causal_mask(self.length, length, self.keys.device), dtype)
+            self._bias_key = key
+        return self._bias
 
     def scores_workspace(self, numel: int) -> torch.Tensor:
         """A flat scratch tensor of at least `numel` elements, kept for the cache's lifetime."""
@@ -230,14 +241,14 @@ def use_chunk_attention(
     batch, heads, length, _ = query.shape
     scores = batch * heads * length * key.shape[2]
     return (
-        query.device.type == "cpu"
+        length >= CHUNK_ATTENTION_MIN_QUERIES
+        and CHUNK_ATTENTION_MIN_SCORES <= scores <= CHUNK_ATTENTION_MAX_SCORES
+        and query.device.type == "cpu"
         and query.dtype == torch.float32
         and not is_causal
         and (attention_mask is None or (attention_mask.ndim == 2 and attention_mask.dtype == query.dtype))
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
-        and length >= CHUNK_ATTENTION_MIN_QUERIES
-        and CHUNK_ATTENTION_MIN_SCORES <= scores <= CHUNK_ATTENTION_MAX_SCORES
     )
 
 
@@ -400,12 +411,10 @@ class _LayerStack(nn.Module):
         # per-chunk work shared by every layer: the rotary phases and the prefix-plus-causal mask
         phases = rotary_phases(rotary_emb, start, length)[:, None]
         if attention_mask is None and start > 0 and length > 1 and self.layers[0].attn.is_causal:
-            attention_mask = prefix_causal_mask(start, length, hidden_states.device)
+            attention_mask = kv_cache.prefix_causal_bias(length, hidden_states.dtype)
         if attention_mask is not None and attention_mask.dtype == torch.bool:
             # SDPA would turn a boolean mask into an additive one in every layer; do it once
-            attention_mask = torch.zeros(attention_mask.shape, dtype=hidden_states.dtype, device=hidden_states.device).masked_fill_(
-                ~attention_mask, float("-inf")
-            )
+            attention_mask = additive_mask(attention_mask, hidden_states.dtype)
         for index, layer in enumerate(self.layers):
             if torch.is_grad_enabled() and self.gradient_checkpointing and kv_cache is None:
                 hidden_states = self._gradient_checkpointing_func(layer, hidden_states, phases, attention_mask)
@@ -421,6 +430,11 @@ def prefix_causal_mask(prefix_length: int, length: int, device=None) -> torch.Te
     is causal inside itself."""
     mask = torch.ones(length, prefix_length + length, dtype=torch.bool, device=device)
     return mask.tril(diagonal=prefix_length)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the additive one SDPA would build from it: 0 where allowed, -inf elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 class StarFlowFlowBlock(_LayerStack):

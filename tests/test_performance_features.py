@@ -133,6 +133,24 @@ def test_scores_workspace_is_reused():
     assert small.data_ptr() == large.data_ptr()
 
 
+def test_unwritten_cache_positions_are_never_read(monkeypatch):
+    """The cache is allocated uninitialised; NaN in every unwritten position must not reach the samples, with
+    Jacobi rollbacks and a sliding window."""
+    pipe = tiny_pipeline(with_vae=False)
+    pipe.scheduler = JacobiFlowScheduler(local_window=2, context_frames=1)
+    reference = sample(pipe, frames=4, guidance_scale=3.0)
+    init_cache = StarFlowFlowBlock.init_cache
+
+    def poisoned(block, *args, **kwargs):
+        cache = init_cache(block, *args, **kwargs)
+        cache.keys.fill_(float("nan"))
+        cache.values.fill_(float("nan"))
+        return cache
+
+    monkeypatch.setattr(StarFlowFlowBlock, "init_cache", poisoned)
+    torch.testing.assert_close(sample(pipe, frames=4, guidance_scale=3.0), reference, rtol=0, atol=0)
+
+
 def test_kv_cache_bytes_follow_the_model_dtype():
     model = tiny_transformer()
     fp32 = model.deep_block.init_cache(2, 40)

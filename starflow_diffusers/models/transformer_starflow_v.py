@@ -163,8 +163,9 @@ class StarFlowKVCache:
         device: Union[str, torch.device],
     ):
         shape = (num_layers, batch_size, num_heads, max_length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # uninitialised: attention only reads the first `length` positions, which were written
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
         self._split_layers()
         self.length = 0
         # attention scores of `chunk_attention`, reused by every layer and iteration (see there)

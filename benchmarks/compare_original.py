@@ -5,7 +5,8 @@ The fixed reference figures of issue 7 were taken on an idle machine; a shared 2
 from one minute to the next (steal time), so a fair comparison runs both implementations in one process, in
 back-to-back pairs of alternating order (ours, original / original, ours / ...) after one warm-up call each.
 The reported ratio is the median of the per-pair ratios; the ratio of the medians and the ratio of the
-fastest runs are in the JSON too. It also checks that both produce the same sample. The original code is not part of this package: pass an extracted copy of its repository.
+fastest runs are in the JSON too. It also checks that both produce the same sample. The original code is
+not part of this package: pass an extracted copy of its repository.
 
     git clone https://github.com/apple/ml-starflow /tmp/ml-starflow   # or any extracted copy
     pip install einops pyyaml
@@ -62,9 +63,9 @@ def paired_times(ours_fn, original_fn, repeats: int):
     """Seconds of `repeats` (ours, original) pairs, run back to back in alternating order (AB BA AB ...), so
     that each pair sees about the same machine speed; the VM's steal time comes and goes within seconds."""
     ours_times, original_times = [], []
+    pair = ((ours_fn, ours_times), (original_fn, original_times))
     for index in range(repeats):
-        for name in ("ours", "original") if index % 2 == 0 else ("original", "ours"):
-            fn, times = (ours_fn, ours_times) if name == "ours" else (original_fn, original_times)
+        for fn, times in pair if index % 2 == 0 else pair[::-1]:
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)

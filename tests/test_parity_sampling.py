@@ -2,9 +2,9 @@
 
 import pytest
 
-from starflow_diffusers.models import transformer_starflow_v
 from parity_utils import FORWARD_TOL, JACOBI_TOL, converted_model, fixture, max_err, to_diffusers_layout
 from starflow_diffusers import JacobiFlowScheduler, StarFlowVPipeline
+from starflow_diffusers.models import transformer_starflow_v
 
 # (fixture key, scheduler mode, guided, denoise, noise key, extra scheduler settings, tolerance)
 CASES = [
@@ -34,8 +34,8 @@ def _pipeline(tensors, settings, mode, extra):
     return pipe
 
 
-@pytest.mark.parametrize("key, mode, guided, denoise, noise_key, extra, tol", CASES, ids=[c[0] for c in CASES])
-def test_video_sampling_parity(key, mode, guided, denoise, noise_key, extra, tol):
+def _sample_case(key, mode, guided, denoise, noise_key, extra):
+    """(our sample, the original's sample) of one CASES entry, both in the original's layout."""
     tensors, settings = fixture("video_tiny")
     pipe = _pipeline(tensors, settings, mode, extra)
     noise = to_diffusers_layout(tensors[noise_key])
@@ -50,7 +50,13 @@ def test_video_sampling_parity(key, mode, guided, denoise, noise_key, extra, tol
         output_type="latent",
     ).frames
     assert out.shape == noise.shape
-    assert max_err(to_diffusers_layout(out), tensors[key]) <= tol
+    return to_diffusers_layout(out), tensors[key]
+
+
+@pytest.mark.parametrize("key, mode, guided, denoise, noise_key, extra, tol", CASES, ids=[c[0] for c in CASES])
+def test_video_sampling_parity(key, mode, guided, denoise, noise_key, extra, tol):
+    out, expected = _sample_case(key, mode, guided, denoise, noise_key, extra)
+    assert max_err(out, expected) <= tol
 
 
 @pytest.mark.parametrize("key", ["rev_jacobi_cfg", "long_jacobi_cfg"])
@@ -61,15 +67,10 @@ def test_jacobi_parity_with_chunk_attention_forced(monkeypatch, key):
     used = []
     attention = transformer_starflow_v.chunk_attention
     monkeypatch.setattr(transformer_starflow_v, "chunk_attention", lambda *a: used.append(1) or attention(*a))
-    tensors, settings = fixture("video_tiny")
-    pipe = _pipeline(tensors, settings, "jacobi", "long" if key.startswith("long") else {})
-    noise = to_diffusers_layout(tensors["long_sample_noise" if key.startswith("long") else "sample_noise"])
-    out = pipe(
-        prompt_embeds=tensors["y"], negative_prompt_embeds=tensors["y_null"], latents=noise,
-        guidance_scale=1.0 + settings["cfg_scale"], denoise="none", output_type="latent",
-    ).frames
+    case = next(c for c in CASES if c[0] == key)
+    out, expected = _sample_case(*case[:-1])
     assert used
-    assert max_err(to_diffusers_layout(out), tensors[key]) <= JACOBI_TOL
+    assert max_err(out, expected) <= case[-1]
 
 
 def test_long_video_uses_sliding_window_plan():

@@ -1,6 +1,6 @@
 """Inference-speed features: fused q/k/v projections in the pipeline, chunk attention on CPU, the KV cache in
-the model dtype,
-per-sequence Jacobi convergence, and torch.compile without graph breaks in the chunk evaluation.
+the model dtype, per-sequence Jacobi convergence, and torch.compile without graph breaks in the chunk
+evaluation.
 
 No timing assertions here: the speed targets live in benchmarks/sampling_speed.py."""
 
@@ -11,6 +11,7 @@ from starflow_diffusers import JacobiFlowScheduler
 from starflow_diffusers.models.transformer_starflow_v import (
     StarFlowFlowBlock,
     StarFlowKVCache,
+    additive_mask,
     apply_rotary,
     chunk_attention,
     prefix_causal_mask,
@@ -91,8 +92,7 @@ def test_chunk_attention_matches_sdpa(masked):
     query, key, value = torch.randn(2, 3, 8, 16), torch.randn(2, 3, 20, 16), torch.randn(2, 3, 20, 16)
     mask = None
     if masked:
-        allowed = prefix_causal_mask(12, 8)
-        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+        mask = additive_mask(prefix_causal_mask(12, 8), torch.float32)
     workspace = torch.full((2 * 3 * 8 * 20 + 7,), float("nan"))  # stale contents must not leak in
     out = chunk_attention(query, key, value, mask, workspace[: 2 * 3 * 8 * 20])
     expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)

@@ -43,9 +43,20 @@ def fresh_chunk_attention(query, key, value, mask):
     return torch.bmm(scores.softmax(-1), value.reshape(batch * heads, -1, dim)).view(batch, heads, length, dim)
 
 
+def queries_by_keys(text: str):
+    """`--shapes` entry "LxS" -> (L, S), with 1 <= L <= S."""
+    try:
+        length, size = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shapes entries look like 128x784 (queries x keys), got {text!r}")
+    if not 1 <= length <= size:
+        raise argparse.ArgumentTypeError(f"--shapes needs 1 <= queries <= keys, got {text!r}")
+    return length, size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["32x112", "128x208", "128x784", "128x1296"],
+    parser.add_argument("--shapes", nargs="+", type=queries_by_keys, default=["32x112", "128x208", "128x784", "128x1296"],
                         help="LxS: queries x keys")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=3)
@@ -59,8 +70,7 @@ def main() -> None:
 
     rows = []
     with torch.no_grad():
-        for shape in args.shapes:
-            length, size = (int(v) for v in shape.split("x"))
+        for length, size in args.shapes:
             query = torch.randn(args.batch, args.heads, length, args.head_dim, generator=generator)
             key = torch.randn(args.batch, args.heads, size, args.head_dim, generator=generator)
             value = torch.randn(args.batch, args.heads, size, args.head_dim, generator=generator)

@@ -56,7 +56,8 @@ def queries_by_keys(text: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", type=queries_by_keys, default=["32x112", "128x208", "128x784", "128x1296"],
+    parser.add_argument("--shapes", nargs="+", type=queries_by_keys,
+                        default=[(32, 112), (128, 208), (128, 784), (128, 1296)],
                         help="LxS: queries x keys")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=3)

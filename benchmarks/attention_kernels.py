@@ -20,12 +20,18 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from starflow_diffusers.models.transformer_starflow_v import (
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sampling_speed import positive_int  # noqa: E402
+
+from starflow_diffusers.models.transformer_starflow_v import (  # noqa: E402
     additive_mask,
     chunk_attention,
     prefix_causal_mask,
@@ -59,12 +65,12 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", type=queries_by_keys,
                         default=[(32, 112), (128, 208), (128, 784), (128, 1296)],
                         help="LxS: queries x keys")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=3)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--calls", type=int, default=50, help="calls per timed round")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=positive_int, default=2)
+    parser.add_argument("--heads", type=positive_int, default=3)
+    parser.add_argument("--head-dim", type=positive_int, default=64)
+    parser.add_argument("--calls", type=positive_int, default=50, help="calls per timed round")
+    parser.add_argument("--rounds", type=positive_int, default=7)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)

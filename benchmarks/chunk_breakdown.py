@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sampling_speed import PARITY_DIR, load_inputs, load_transformer  # noqa: E402
+from sampling_speed import PARITY_DIR, load_inputs, load_transformer, non_negative_int, positive_int  # noqa: E402
 
 from starflow_diffusers.models.transformer_starflow_v import rotary_phases  # noqa: E402
 
@@ -126,17 +126,12 @@ def main() -> None:
     parser.add_argument("--model", default=str(PARITY_DIR / "bench_small.pth"))
     parser.add_argument("--config", default=None, help="original YAML (default: next to --model)")
     parser.add_argument("--block", choices=("deep", "shallow"), default="deep")
-    parser.add_argument("--chunk", type=int, default=32, help="tokens evaluated together")
-    parser.add_argument("--prefix", type=int, default=32, help="solved tokens before the chunk")
-    parser.add_argument("--calls", type=int, default=40, help="calls per timed round")
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chunk", type=positive_int, default=32, help="tokens evaluated together")
+    parser.add_argument("--prefix", type=non_negative_int, default=32, help="solved tokens before the chunk")
+    parser.add_argument("--calls", type=positive_int, default=40, help="calls per timed round")
+    parser.add_argument("--rounds", type=positive_int, default=9)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
-    for name in ("chunk", "calls", "rounds", "threads"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.prefix < 0:
-        raise SystemExit(f"--prefix must be >= 0, got {args.prefix}")
     torch.set_num_threads(args.threads)
 
     transformer = load_transformer(args.model, args.config, torch.float32)
@@ -187,12 +182,13 @@ def main() -> None:
             timer = PartTimer(layers)
             hooked.append(per_call(evaluate))
             timer.remove()
+            # one split and one set of alone timings per layer, averaged over the layers
+            in_layers = [split_parts(timer.seconds, i) for i in range(len(layers))]
+            alone_layers = [alone_parts(i) for i in range(len(layers))]
             for part in PARTS:
-                in_solve[part].append(sum(split_parts(timer.seconds, i)[part] for i in range(len(layers)))
-                                      / (args.calls * len(layers)))
-            for part, seconds in [(p, sum(alone_parts(i)[p] for i in range(len(layers))) / len(layers))
-                                  for p in PARTS[:-1]]:
-                alone[part].append(seconds)
+                in_solve[part].append(sum(parts[part] for parts in in_layers) / (args.calls * len(layers)))
+                if part in alone_layers[0]:
+                    alone[part].append(sum(parts[part] for parts in alone_layers) / len(layers))
 
     us = lambda values: round(statistics.median(values) * 1e6, 1)  # noqa: E731
     result = {

@@ -44,6 +44,8 @@ from sampling_speed import (  # noqa: E402
     load_inputs,
     load_transformer,
     machine_probe,
+    non_negative_int,
+    positive_int,
     make_pipeline,
     sample,
 )
@@ -100,10 +102,10 @@ def main() -> None:
     parser.add_argument("--model", default=str(PARITY_DIR / "bench_small.pth"))
     parser.add_argument("--config", default=None, help="original YAML (default: next to --model)")
     parser.add_argument("--inputs", default=str(PARITY_DIR / "bench_small.inputs.safetensors"))
-    parser.add_argument("--frames", type=int, nargs="+", default=[5, 10, 20])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sequential-repeats", type=int, default=2, help="0 skips sequential sampling")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--frames", type=positive_int, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--sequential-repeats", type=non_negative_int, default=2, help="0 skips sequential sampling")
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--compile", action="store_true",
                         help="time our transformer compiled: compile_repeated_blocks(fullgraph=True, dynamic=True) with "
                              "inductor freezing (weights become constants of the compiled graph)")

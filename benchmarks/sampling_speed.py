@@ -398,6 +398,26 @@ def print_table(result: dict) -> None:
     print(f"machine probe: before {result['probe_before']}, after {result['probe_after']}")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts (frames, repeats, threads, ...): an integer >= 1; argparse names the argument."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of counts where 0 means none: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(PARITY_DIR / "bench_small.pth"),
@@ -405,14 +425,14 @@ def main() -> None:
     parser.add_argument("--config", help="original YAML for a .pth model (default: next to it)")
     parser.add_argument("--inputs", default=str(PARITY_DIR / "bench_small.inputs.safetensors"),
                         help="x_T*/y_T* inputs (random ones of the model's shape where they do not fit)")
-    parser.add_argument("--frames", type=int, nargs="+", default=[5, 10, 20], help="latent frames")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per likelihood/Jacobi measurement")
-    parser.add_argument("--sequential-repeats", type=int, default=3, help="timed sequential runs (0 skips)")
-    parser.add_argument("--scaling-frames", type=int, nargs="*", default=[40, 80], help="long-video lengths")
-    parser.add_argument("--scaling-repeats", type=int, default=3)
-    parser.add_argument("--window", type=int, default=10, help="local window (latent frames) for long videos")
-    parser.add_argument("--context", type=int, default=8, help="context frames kept when the window slides")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--frames", type=positive_int, nargs="+", default=[5, 10, 20], help="latent frames")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per likelihood/Jacobi measurement")
+    parser.add_argument("--sequential-repeats", type=non_negative_int, default=3, help="timed sequential runs (0 skips)")
+    parser.add_argument("--scaling-frames", type=positive_int, nargs="*", default=[40, 80], help="long-video lengths")
+    parser.add_argument("--scaling-repeats", type=positive_int, default=3)
+    parser.add_argument("--window", type=positive_int, default=10, help="local window (latent frames) for long videos")
+    parser.add_argument("--context", type=non_negative_int, default=8, help="context frames kept when the window slides")
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep q/k/v projections separate")
     parser.add_argument("--convergence", choices=["batch", "sample"], default="batch",

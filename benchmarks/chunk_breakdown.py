@@ -135,7 +135,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     transformer = load_transformer(args.model, args.config, torch.float32)
-    transformer.fuse_projections()
+    transformer.fuse_qkv_projections()
     with torch.no_grad():
         block, cache, rotary, inputs = build_chunk(transformer, args.block, args.chunk, args.prefix)
         start_length = cache.length

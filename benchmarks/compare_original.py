@@ -118,7 +118,7 @@ def main() -> None:
 
     original = build_original(src, args.model, config)
     ours = load_transformer(args.model, config, torch.float32)
-    ours.fuse_projections()
+    ours.fuse_qkv_projections()
     result = {"benchmark": "compare_original", "model": args.model, "threads": args.threads, "repeats": args.repeats,
               "compile": args.compile, "probe_before": machine_probe(), "frames": {}}
     if args.compile:

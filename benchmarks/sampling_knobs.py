@@ -59,7 +59,7 @@ SWEEP = [
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     transformer = load_transformer(args.model, args.config, torch.float32)
-    transformer.fuse_projections()
+    transformer.fuse_qkv_projections()
     noise, text = load_inputs(Path(args.inputs), transformer, args.frames)
     kwargs = dict(
         prompt_embeds=text[:1], negative_prompt_embeds=text[1:], latents=noise, guidance_scale=GUIDANCE_SCALE,
@@ -71,9 +71,9 @@ def run(args) -> dict:
 
         def set_fused(fuse: bool) -> None:
             if fuse:
-                transformer.fuse_projections()
+                transformer.fuse_qkv_projections()
             else:
-                transformer.unfuse_projections()
+                transformer.unfuse_qkv_projections()
 
         settings_runs = {}
 

@@ -213,7 +213,7 @@ def run(args) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     transformer = load_transformer(args.model, args.config, dtype)
     if args.fuse:
-        transformer.fuse_projections()
+        transformer.fuse_qkv_projections()
     inputs_path = Path(args.inputs)
     result = {
         "benchmark": "sampling_speed",

@@ -7,7 +7,7 @@ No timing assertions here: the speed targets live in benchmarks/sampling_speed.p
 import pytest
 import torch
 
-from starflow_diffusers import JacobiFlowScheduler
+from starflow_diffusers import JacobiFlowScheduler, StarFlowVTransformer
 from starflow_diffusers.models.transformer_starflow_v import (
     StarFlowFlowBlock,
     StarFlowKVCache,
@@ -34,13 +34,13 @@ def sample(pipe, prompt="a red circle moving left", batch_seed=0, frames=3, **kw
 class CountingEvaluations:
     def __init__(self, monkeypatch):
         self.calls = 0
-        evaluate = StarFlowFlowBlock.evaluate_chunk
+        evaluate = StarFlowVTransformer.evaluate_block
 
-        def counted(block, *args, **kwargs):
-            self.calls += 1
-            return evaluate(block, *args, **kwargs)
+        def counted(model, block_index, inputs, *args, **kwargs):
+            self.calls += inputs is not None  # the text prefill is not a chunk evaluation
+            return evaluate(model, block_index, inputs, *args, **kwargs)
 
-        monkeypatch.setattr(StarFlowFlowBlock, "evaluate_chunk", counted)
+        monkeypatch.setattr(StarFlowVTransformer, "evaluate_block", counted)
 
 
 def test_fused_projections_give_the_same_samples(monkeypatch):
@@ -48,7 +48,7 @@ def test_fused_projections_give_the_same_samples(monkeypatch):
     counter = CountingEvaluations(monkeypatch)
     reference = sample(pipe)
     calls = counter.calls
-    pipe.transformer.fuse_projections()
+    pipe.transformer.fuse_qkv_projections()
     fused = sample(pipe)
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
     assert counter.calls == 2 * calls  # same solve, same number of network evaluations
@@ -59,7 +59,7 @@ def test_fused_projections_step_aside_for_an_unmerged_lora():
     from peft import LoraConfig
 
     pipe = tiny_pipeline(with_vae=False)
-    pipe.transformer.fuse_projections()
+    pipe.transformer.fuse_qkv_projections()
     fused = sample(pipe)
     adapter = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
     pipe.transformer.add_adapter(adapter)
@@ -116,19 +116,21 @@ def test_chunk_attention_is_used_only_where_it_pays():
 
 
 def test_prefix_causal_bias_is_built_once_per_chunk():
-    cache = StarFlowKVCache(1, 1, 1, 16, 2, torch.float32, "cpu")
+    cache = StarFlowKVCache(1, 1, 1, 16, 2)
     cache.advance(3)
-    bias = cache.prefix_causal_bias(2, torch.float32)
+    cpu = torch.device("cpu")
+    bias = cache.prefix_causal_bias(2, torch.float32, cpu)
     assert bias.tolist() == [[0.0, 0.0, 0.0, 0.0, float("-inf")], [0.0, 0.0, 0.0, 0.0, 0.0]]
-    assert cache.prefix_causal_bias(2, torch.float32) is bias  # the chunk's next iteration
+    assert cache.prefix_causal_bias(2, torch.float32, cpu) is bias  # the chunk's next iteration
     cache.advance(2)
-    assert cache.prefix_causal_bias(2, torch.float32).shape == (2, 7)
+    assert cache.prefix_causal_bias(2, torch.float32, cpu).shape == (2, 7)
 
 
 def test_scores_workspace_is_reused():
-    cache = StarFlowKVCache(1, 1, 1, 4, 2, torch.float32, "cpu")
-    large = cache.scores_workspace(100)
-    small = cache.scores_workspace(30)
+    cache = StarFlowKVCache(1, 1, 1, 4, 2)
+    like = torch.zeros(1)
+    large = cache.scores_workspace(100, like)
+    small = cache.scores_workspace(30, like)
     assert large.numel() == 100 and small.numel() == 30
     assert small.data_ptr() == large.data_ptr()
 
@@ -139,23 +141,31 @@ def test_unwritten_cache_positions_are_never_read(monkeypatch):
     pipe = tiny_pipeline(with_vae=False)
     pipe.scheduler = JacobiFlowScheduler(local_window=2, context_frames=1)
     reference = sample(pipe, frames=4, guidance_scale=3.0)
-    init_cache = StarFlowFlowBlock.init_cache
+    layer = StarFlowKVCache.layer
 
-    def poisoned(block, *args, **kwargs):
-        cache = init_cache(block, *args, **kwargs)
-        cache.keys.fill_(float("nan"))
-        cache.values.fill_(float("nan"))
-        return cache
+    def poisoned(cache, index, hidden_states, device=None):
+        if cache.layer_keys[index] is None:  # allocate the layer's buffers full of NaN
+            cache.layer_keys[index] = hidden_states.new_full(cache.shape, float("nan"))
+            cache.layer_values[index] = hidden_states.new_full(cache.shape, float("nan"))
+        return layer(cache, index, hidden_states, device)
 
-    monkeypatch.setattr(StarFlowFlowBlock, "init_cache", poisoned)
+    monkeypatch.setattr(StarFlowKVCache, "layer", poisoned)
     torch.testing.assert_close(sample(pipe, frames=4, guidance_scale=3.0), reference, rtol=0, atol=0)
 
 
-def test_kv_cache_bytes_follow_the_model_dtype():
+def test_kv_cache_bytes_follow_the_compute_dtype():
     model = tiny_transformer()
-    fp32 = model.deep_block.init_cache(2, 40)
-    bf16 = model.to(torch.bfloat16).deep_block.init_cache(2, 40)
-    assert bf16.keys.dtype == torch.bfloat16 and bf16.nbytes * 2 == fp32.nbytes
+    text = torch.randn(2, 16, 16)
+    rotary = rotary_phases(model.rotary_embedding(2, 2, 2, 16))
+    caches = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        caches[dtype] = model.to(dtype).deep_block.init_cache(2, 40)
+        assert caches[dtype].nbytes == 0  # nothing is allocated before the first write
+        with torch.no_grad():
+            model.deep_block.prefill_text(text.to(dtype), caches[dtype], rotary)
+    bf16, fp32 = caches[torch.bfloat16], caches[torch.float32]
+    assert all(t.dtype == torch.bfloat16 for t in bf16.layer_keys + bf16.layer_values)
+    assert bf16.nbytes * 2 == fp32.nbytes == 2 * 2 * 2 * 2 * 40 * 32 * 4
 
 
 def test_per_sample_convergence_makes_a_batch_match_single_calls():
@@ -207,7 +217,7 @@ def _chunk_arguments(block, model, text=None):
 
 def test_chunk_evaluation_has_no_graph_break():
     model = tiny_transformer(in_channels=3)
-    model.fuse_projections()
+    model.fuse_qkv_projections()
     text = torch.randn(2, 16, 16)
     with torch.no_grad():
         for block, block_text in ((model.deep_block, text), (model.shallow_blocks[0], None)):
@@ -224,7 +234,7 @@ def test_chunk_evaluation_has_no_graph_break():
 def test_compiled_transformer_samples_like_eager():
     """Regional compilation (every transformer layer, `fullgraph=True`) through a whole sampling call."""
     pipe = tiny_pipeline(with_vae=False)
-    pipe.transformer.fuse_projections()
+    pipe.transformer.fuse_qkv_projections()
     eager = sample(pipe, frames=3)
     torch._dynamo.reset()
     pipe.transformer.compile_repeated_blocks(fullgraph=True)

@@ -366,7 +366,7 @@ def test_bfloat16(pipe, monkeypatch):
 
     def recording_init_cache(self, *args, **kwargs):
         cache = init_cache(self, *args, **kwargs)
-        caches.append((self, cache.keys.dtype))
+        caches.append((self, cache))
         return cache
 
     monkeypatch.setattr(StarFlowFlowBlock, "init_cache", recording_init_cache)
@@ -374,10 +374,10 @@ def test_bfloat16(pipe, monkeypatch):
     assert pipe.transformer.dtype == torch.bfloat16
     video = run(pipe)
     assert video.shape == (1, 5, 32, 32, 3) and np.isfinite(video).all()
-    deep = [dtype for block, dtype in caches if block is pipe.transformer.deep_block]
-    assert deep == [torch.bfloat16]
+    assert [block for block, _ in caches].count(pipe.transformer.deep_block) == 1
     assert len(caches) == len(pipe.transformer.blocks)
-    assert all(dtype == torch.bfloat16 for _, dtype in caches)
+    buffers = [t for _, cache in caches for t in cache.layer_keys + cache.layer_values]
+    assert len(buffers) > 0 and all(t.dtype == torch.bfloat16 for t in buffers)
 
 
 # ---- prompts and embeddings ------------------------------------------------------------------------------------

@@ -266,15 +266,16 @@ def test_plan_with_window_not_larger_than_context_raises(window_frames):
 
 def test_chunk_inputs_shift_and_warm_start():
     sample = torch.arange(2 * 12 * 3, dtype=torch.float32).view(2, 12, 3)
-    sos = torch.full((1, 1, 3), -1.0)
     first = FlowChunk(0, 3, 0)
-    inputs = JacobiFlowScheduler.chunk_inputs(sample, sos, first, 0)
-    assert torch.equal(inputs, torch.cat([sos.expand(2, 1, 3), sample[:, :2]], dim=1))
+    inputs, prepend_sos = JacobiFlowScheduler.chunk_inputs(sample, first, 0)
+    assert prepend_sos and torch.equal(inputs, sample[:, :2])
     later = FlowChunk(8, 12, 0, warm_start_offset=4)
-    assert torch.equal(JacobiFlowScheduler.chunk_inputs(sample, sos, later, 0), sample[:, 3:7])
-    assert torch.equal(JacobiFlowScheduler.chunk_inputs(sample, sos, later, 1), sample[:, 7:11])
-    context = JacobiFlowScheduler.context_inputs(sample, sos, (4, 8))
-    assert torch.equal(context, torch.cat([sos.expand(2, 1, 3), sample[:, 4:7]], dim=1))
+    inputs, prepend_sos = JacobiFlowScheduler.chunk_inputs(sample, later, 0)
+    assert not prepend_sos and torch.equal(inputs, sample[:, 3:7])
+    inputs, prepend_sos = JacobiFlowScheduler.chunk_inputs(sample, later, 1)
+    assert not prepend_sos and torch.equal(inputs, sample[:, 7:11])
+    # a context is re-encoded as a fresh sequence: the block puts SOS in front of tokens [start, end - 1)
+    assert torch.equal(JacobiFlowScheduler.context_inputs(sample, (4, 8)), sample[:, 4:7])
 
 
 # ---- step ------------------------------------------------------------------------------------------------------

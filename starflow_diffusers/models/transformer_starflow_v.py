@@ -22,15 +22,17 @@ and D = C p^2 channels per token, channel order (p1, p2, c). Images are videos w
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.attention import AttentionModuleMixin, FeedForward
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin, FeedForward
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, apply_lora_scale, logging
 
@@ -130,8 +132,9 @@ def rotate_pairs(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
     """`apply_rotary` as one complex product (one op instead of ten): x (..., E) times `rotary_phases`
     (..., E/2, 2) broadcast against it, computed in float32."""
     pairs = (x if x.dtype == torch.float32 else x.float()).unflatten(-1, (-1, 2))
-    if torch.compiler.is_compiling():
-        # inductor generates no code for complex ops: the same product in real arithmetic, which it fuses
+    if torch.compiler.is_compiling() or x.device.type == "mps":
+        # inductor generates no code for complex ops and MPS supports them only in part: the same product in
+        # real arithmetic (in eager on CPU it is 3-8x slower than the complex product, hence not everywhere)
         cos, sin = phases.unbind(-1)
         real, imag = pairs.unbind(-1)
         rotated = torch.stack([real * cos - imag * sin, imag * cos + real * sin], dim=-1).flatten(-2)
@@ -146,10 +149,14 @@ def rotate_pairs(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
 
 
 class StarFlowKVCache:
-    """Keys and values of every layer of one flow block, preallocated in the model dtype.
+    """Keys and values of every layer of one flow block.
 
-    `length` is the number of valid positions. Layers write at `length` and the block advances it once
-    all its layers have run, so rolling back a chunk is `truncate(old_length)`.
+    `length` is the number of valid positions. Layers write at `length` and the block advances it once all
+    its layers have run, so rolling back a chunk is `truncate(old_length)`.
+
+    A layer's buffers are allocated at its first write, in the dtype and on the device of the keys it
+    writes: the compute dtype (never a weight's storage dtype, e.g. under fp8 layerwise casting) and the
+    device the layer runs on (offloading, or a model dispatched over several devices).
     """
 
     def __init__(
@@ -159,45 +166,38 @@ class StarFlowKVCache:
         num_heads: int,
         max_length: int,
         head_dim: int,
-        dtype: torch.dtype,
-        device: Union[str, torch.device],
     ):
-        shape = (num_layers, batch_size, num_heads, max_length, head_dim)
-        # uninitialised: attention only reads the first `length` positions, which were written
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
-        self._split_layers()
+        self.shape = (batch_size, num_heads, max_length, head_dim)
+        # uninitialised when allocated: attention only reads the first `length` positions, which were written
+        self.layer_keys: List[Optional[torch.Tensor]] = [None] * num_layers
+        self.layer_values: List[Optional[torch.Tensor]] = [None] * num_layers
         self.length = 0
-        # attention scores of `chunk_attention`, reused by every layer and iteration (see there)
-        self._scores = torch.empty(0, dtype=dtype, device=device)
-        self._bias, self._bias_key = None, None
-
-    def _split_layers(self) -> None:
-        # per-layer views, so a write or a read is one slice instead of an index and a slice
-        self._layer_keys = [self.keys[i] for i in range(self.keys.shape[0])]
-        self._layer_values = [self.values[i] for i in range(self.values.shape[0])]
+        # attention scores of `chunk_attention` and prefix-causal biases, per device (see there)
+        self._scores: Dict[torch.device, torch.Tensor] = {}
+        self._bias: Dict[Any, torch.Tensor] = {}
 
     @property
     def max_length(self) -> int:
-        return self.keys.shape[3]
+        return self.shape[2]
 
     @property
     def batch_size(self) -> int:
-        return self.keys.shape[1]
+        return self.shape[0]
 
     @property
     def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() * 2
+        """Bytes of the buffers allocated so far."""
+        return sum(t.numel() * t.element_size() for t in self.layer_keys + self.layer_values if t is not None)
 
-    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + key.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"KV cache overflow: {end} positions requested, capacity {self.max_length}.")
-        keys, values = self._layer_keys[layer], self._layer_values[layer]
-        # narrow + copy_: a sequential solve writes one position per call, where indexing costs more than the copy
-        keys.narrow(2, self.length, key.shape[2]).copy_(key)
-        values.narrow(2, self.length, value.shape[2]).copy_(value)
-        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
+    def layer(self, index: int, hidden_states: torch.Tensor, device: Optional[torch.device] = None) -> "LayerKVCache":
+        """Layer `index`'s buffers and the current length, allocated at first use in the dtype of
+        `hidden_states` (the compute dtype) on `device` (default: where `hidden_states` are)."""
+        keys = self.layer_keys[index]
+        if keys is None:
+            empty = dict(dtype=hidden_states.dtype, device=device or hidden_states.device)
+            keys = self.layer_keys[index] = torch.empty(self.shape, **empty)
+            self.layer_values[index] = torch.empty(self.shape, **empty)
+        return LayerKVCache(keys, self.layer_values[index], self.length, self)
 
     def advance(self, num_positions: int) -> None:
         self.length += num_positions
@@ -205,26 +205,48 @@ class StarFlowKVCache:
     def truncate(self, length: int) -> None:
         self.length = max(0, min(length, self.length))
 
-    def prefix_causal_bias(self, length: int, dtype: torch.dtype) -> torch.Tensor:
-        """Additive `prefix_causal_mask` of a `length`-token chunk after the cached positions, kept while the
-        chunk's Jacobi iterations reuse it."""
-        key = (self.length, length, dtype)
-        if self._bias_key != key:
-            self._bias = additive_mask(prefix_causal_mask(self.length, length, self.keys.device), dtype)
-            self._bias_key = key
-        return self._bias
+    def prefix_causal_bias(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Additive (length, prefix + length) `prefix_causal_mask` of a `length`-token chunk after the cached
+        positions, kept while the chunk's Jacobi iterations (and every layer) reuse it."""
+        key = (self.length, length, dtype, device)
+        if key not in self._bias:
+            self._bias = {key: additive_mask(prefix_causal_mask(self.length, length, device), dtype)}
+        return self._bias[key]
 
-    def scores_workspace(self, numel: int) -> torch.Tensor:
-        """A flat scratch tensor of at least `numel` elements, kept for the cache's lifetime."""
-        if self._scores.numel() < numel:
-            self._scores = torch.empty(numel, dtype=self.keys.dtype, device=self.keys.device)
-        return self._scores[:numel]
+    def scores_workspace(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A flat scratch tensor of at least `numel` elements of `like`'s dtype and device, kept for the
+        cache's lifetime."""
+        scores = self._scores.get(like.device)
+        if scores is None or scores.numel() < numel or scores.dtype != like.dtype:
+            scores = self._scores[like.device] = like.new_empty(numel)
+        return scores[:numel]
 
     def keep_batch(self, batch_slice: slice) -> None:
         """Keep a part of the batch, e.g. the conditional half after guidance."""
-        self.keys = self.keys[:, batch_slice]
-        self.values = self.values[:, batch_slice]
-        self._split_layers()
+        self.layer_keys = [None if t is None else t[batch_slice] for t in self.layer_keys]
+        self.layer_values = [None if t is None else t[batch_slice] for t in self.layer_values]
+        self.shape = (len(range(*batch_slice.indices(self.batch_size))),) + self.shape[1:]
+
+
+class LayerKVCache(NamedTuple):
+    """One layer's view of a `StarFlowKVCache` for one call: its (B, heads, capacity, E) buffers and the
+    number of valid positions. Tensors and an int, so a compiled layer sees graph inputs, not the cache's
+    Python state."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    length: int
+    owner: StarFlowKVCache
+
+    def write(self, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, heads, L, E) keys/values after `length`; returns the valid prefix, new ones included."""
+        end = self.length + key.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"KV cache overflow: {end} positions requested, capacity {self.keys.shape[2]}.")
+        # narrow + copy_: a sequential solve writes one position per call, where indexing costs more than the copy
+        self.keys.narrow(2, self.length, key.shape[2]).copy_(key)
+        self.values.narrow(2, self.length, value.shape[2]).copy_(value)
+        return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
 
 
 # `chunk_attention` is used for chunks of at least this many queries whose score matrix has between
@@ -282,23 +304,113 @@ def chunk_attention(
     return torch.bmm(scores, value.reshape(batch * heads, size, dim)).view(batch, heads, length, dim)
 
 
+# Backends whose `is_causal` aligns the causal diagonal to the last key (flash-attn's convention), so a chunk
+# after a cached prefix needs no mask there.
+LOWER_RIGHT_CAUSAL_BACKENDS = frozenset(
+    {
+        AttentionBackendName.FLASH,
+        AttentionBackendName.FLASH_HUB,
+        AttentionBackendName._FLASH_3,
+        AttentionBackendName._FLASH_3_HUB,
+    }
+)
+# Backends that run torch SDPA, whose fused CUDA kernels take a `causal_lower_right` bias without a dense mask.
+SDPA_BACKENDS = frozenset(
+    {
+        AttentionBackendName.NATIVE,
+        AttentionBackendName._NATIVE_CUDNN,
+        AttentionBackendName._NATIVE_EFFICIENT,
+        AttentionBackendName._NATIVE_FLASH,
+        AttentionBackendName._NATIVE_MATH,
+    }
+)
+
+
+def resolve_attention_backend(backend: Optional[AttentionBackendName]) -> AttentionBackendName:
+    """The backend a processor set by `set_attention_backend`, else the active one (the `attention_backend`
+    context manager or the `DIFFUSERS_ATTN_BACKEND` default)."""
+    if backend is not None:
+        return AttentionBackendName(backend)
+    return _AttentionBackendRegistry.get_active_backend()[0]
+
+
+def dispatch_heads_first(query, key, value, attn_mask=None, is_causal=False, backend=None, parallel_config=None):
+    """`dispatch_attention_fn` on (B, H, S, E) tensors (it takes (B, S, H, E): transposed views, no copies);
+    returns (B, L, H, E)."""
+    return dispatch_attention_fn(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
+        is_causal=is_causal, backend=backend, parallel_config=parallel_config,
+    )
+
+
+def flow_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    causal: bool,
+    attention_mask: Union[torch.Tensor, "FrameBand", None] = None,
+    kv_cache: Optional[LayerKVCache] = None,
+    backend: Optional[AttentionBackendName] = None,
+    parallel_config=None,
+) -> torch.Tensor:
+    """Attention of (B, H, L, E) queries over (B, H, S, E) keys/values, returned as (B, L, H, E).
+
+    With `causal`, query i sits at position S - L + i: S - L keys come from a cache. Every kind of call is
+    routed here, the one place that picks the kernel:
+    * causal from position 0, or a single query after a prefix: the backend's plain causal / unmasked call;
+    * a chunk after a cached prefix: `is_causal` on flash-attn backends (lower-right aligned), a
+      `causal_lower_right` bias for SDPA backends on accelerators, `chunk_attention` on CPU where it is
+      faster, and otherwise the dense prefix-causal mask;
+    * the denoiser's frame band (`FrameBand`): `frame_band_attention`, unmasked calls on slices;
+    * an explicit mask tensor: passed to the backend.
+    """
+    backend = resolve_attention_backend(backend)
+
+    def attend(q, k, v, attn_mask=None, is_causal=False):
+        return dispatch_heads_first(q, k, v, attn_mask, is_causal, backend, parallel_config)
+
+    if isinstance(attention_mask, FrameBand):
+        return frame_band_attention(query, key, value, attention_mask, attend)
+    length, size = query.shape[2], key.shape[2]
+    if attention_mask is not None or not causal or length == 1:
+        return attend(query, key, value, attention_mask)
+    if length == size:
+        return attend(query, key, value, is_causal=True)
+    if backend in LOWER_RIGHT_CAUSAL_BACKENDS:
+        return attend(query, key, value, is_causal=True)
+    if backend in SDPA_BACKENDS and query.device.type != "cpu" and length != query.shape[0]:
+        # (a 2-D bias with as many rows as the batch would be read as a key-padding mask by the native backend)
+        return attend(query, key, value, causal_lower_right(length, size))
+    if kv_cache is not None and not torch.compiler.is_compiling():
+        # eager: one bias per chunk, kept by the cache (a compiled graph builds its own, fused)
+        bias = kv_cache.owner.prefix_causal_bias(length, query.dtype, query.device)
+        if backend == AttentionBackendName.NATIVE and use_chunk_attention(query, key, bias, False):
+            workspace = kv_cache.owner.scores_workspace(query.shape[0] * query.shape[1] * length * size, query)
+            return chunk_attention(query, key, value, bias, workspace).transpose(1, 2)
+    else:
+        bias = additive_mask(prefix_causal_mask(size - length, length, query.device), query.dtype)
+    return attend(query, key, value, bias[None, None])
+
+
 class StarFlowAttnProcessor:
-    """Scaled dot-product attention with rotary q/k and an optional KV cache.
+    """Rotary q/k, an optional KV cache, and `flow_attention` through diffusers' attention dispatcher (so
+    `set_attention_backend` and the `attention_backend` context manager apply).
 
     `rotary_emb` covers exactly the L positions of `hidden_states`: their `rotary_phases` as (L, 1, E/2, 2),
     broadcast over heads (the layer stack computes them once per chunk), or a (cos, sin) pair.
-    `attention_mask` (L, S) is given where plain causal attention is not enough: the denoiser's band, or a
-    chunk after a cached prefix (built once per chunk by the layer stack).
+    `attention_mask` is None (causal, or full for a non-causal module), a `FrameBand`, or a mask tensor.
     """
+
+    _attention_backend = None
+    _parallel_config = None
 
     def __call__(
         self,
         attn: "StarFlowAttention",
         hidden_states: torch.Tensor,
         rotary_emb: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
-        attention_mask: Optional[torch.Tensor] = None,
-        kv_cache: Optional[StarFlowKVCache] = None,
-        layer_index: int = 0,
+        attention_mask: Union[torch.Tensor, "FrameBand", None] = None,
+        kv_cache: Optional[LayerKVCache] = None,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         phases = rotary_phases(rotary_emb, 0, length)[:, None] if isinstance(rotary_emb, tuple) else rotary_emb
@@ -313,21 +425,13 @@ class StarFlowAttnProcessor:
             key = rotate_pairs(attn.to_k(hidden_states).view(batch, length, attn.heads, -1), phases)
             value = attn.to_v(hidden_states).view(batch, length, attn.heads, -1)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-
-        # causal from position 0; a single query after a prefix sees everything cached. (A branch, not an
-        # expression: under torch.compile the cache length may be symbolic, and SDPA takes a plain bool.)
-        is_causal = False
-        if attn.is_causal and attention_mask is None and (kv_cache is None or kv_cache.length == 0):
-            is_causal = True
         if kv_cache is not None:
-            key, value = kv_cache.write(layer_index, key, value)
-        if kv_cache is not None and use_chunk_attention(query, key, attention_mask, is_causal):
-            workspace = kv_cache.scores_workspace(query.shape[0] * query.shape[1] * length * key.shape[2])
-            out = chunk_attention(query, key, value, attention_mask, workspace)
-        else:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=is_causal)
-        out = out.transpose(1, 2).reshape(batch, length, -1)
-        return attn.to_out[0](out)
+            key, value = kv_cache.write(key, value)
+        out = flow_attention(
+            query, key, value, attn.is_causal, attention_mask, kv_cache, self._attention_backend,
+            self._parallel_config,
+        )
+        return attn.to_out[0](out.reshape(batch, length, -1))
 
 
 class StarFlowAttention(nn.Module, AttentionModuleMixin):
@@ -346,8 +450,8 @@ class StarFlowAttention(nn.Module, AttentionModuleMixin):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=True)])
         self.set_processor(processor or self._default_processor_cls())
 
-    def forward(self, hidden_states, rotary_emb, attention_mask=None, kv_cache=None, layer_index=0):
-        return self.processor(self, hidden_states, rotary_emb, attention_mask, kv_cache, layer_index)
+    def forward(self, hidden_states, rotary_emb, attention_mask=None, kv_cache=None):
+        return self.processor(self, hidden_states, rotary_emb, attention_mask, kv_cache)
 
 
 class StarFlowRMSNorm(nn.Module):
@@ -374,10 +478,8 @@ class StarFlowTransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu", bias=True)
 
-    def forward(self, hidden_states, rotary_emb, attention_mask=None, kv_cache=None, layer_index=0):
-        hidden_states = hidden_states + self.attn(
-            self.norm1(hidden_states), rotary_emb, attention_mask, kv_cache, layer_index
-        )
+    def forward(self, hidden_states, rotary_emb, attention_mask=None, kv_cache: Optional[LayerKVCache] = None):
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), rotary_emb, attention_mask, kv_cache)
         return hidden_states + self.ff(self.norm2(hidden_states))
 
 
@@ -407,24 +509,30 @@ class _LayerStack(nn.Module):
 
     def run_layers(self, hidden_states, rotary_emb, attention_mask=None, kv_cache=None):
         """The layers on (B, L, width) states at positions [cache length, cache length + L) of `rotary_emb`
-        ((cos, sin) tables or a `rotary_phases` table); with a cache, their keys/values are appended to it."""
+        ((cos, sin) tables or a `rotary_phases` table); with a cache, their keys/values are appended to it.
+        `attention_mask` is None (causal, after the cached prefix), a `FrameBand` or a mask tensor."""
         start = kv_cache.length if kv_cache is not None else 0
         length = hidden_states.shape[1]
-        # per-chunk work shared by every layer: the rotary phases and the prefix-plus-causal mask
+        # the rotary phases once per chunk, shared by every layer
         phases = rotary_phases(rotary_emb, start, length)[:, None]
-        if attention_mask is None and start > 0 and length > 1 and self.layers[0].attn.is_causal:
-            attention_mask = kv_cache.prefix_causal_bias(length, hidden_states.dtype)
-        if attention_mask is not None and attention_mask.dtype == torch.bool:
-            # SDPA would turn a boolean mask into an additive one in every layer; do it once
-            attention_mask = additive_mask(attention_mask, hidden_states.dtype)
         for index, layer in enumerate(self.layers):
             if torch.is_grad_enabled() and self.gradient_checkpointing and kv_cache is None:
                 hidden_states = self._gradient_checkpointing_func(layer, hidden_states, phases, attention_mask)
+            elif kv_cache is None:
+                hidden_states = layer(hidden_states, phases, attention_mask)
             else:
-                hidden_states = layer(hidden_states, phases, attention_mask, kv_cache, index)
+                layer_cache = kv_cache.layer(index, hidden_states, execution_device(layer))
+                hidden_states = layer(hidden_states, phases, attention_mask, layer_cache)
         if kv_cache is not None:
             kv_cache.advance(length)
         return hidden_states
+
+
+def execution_device(module: nn.Module) -> Optional[torch.device]:
+    """The device accelerate runs `module` on when a model is dispatched over devices (`device_map`), else
+    None (it runs where its inputs are)."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    return None if device is None else torch.device(device)
 
 
 def prefix_causal_mask(prefix_length: int, length: int, device=None) -> torch.Tensor:
@@ -466,16 +574,35 @@ class StarFlowFlowBlock(_LayerStack):
 
     def shifted_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
         """[sos, u_0 ... u_{N-2}] for a (B, N, D) sequence in block order."""
+        return self.with_sos(tokens[:, :-1])
+
+    def with_sos(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[sos, tokens] for (B, n, D) tokens, in their dtype."""
         sos = self.sos_embed.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
-        return torch.cat([sos, tokens[:, :-1]], dim=1)
+        return torch.cat([sos, tokens], dim=1)
 
     def forward(
         self,
-        tokens: torch.Tensor,
-        rotary_emb: Tuple[torch.Tensor, torch.Tensor],
+        tokens: Optional[torch.Tensor],
+        rotary_emb,
         text: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Data -> noise on (B, T, F, D) tokens in natural order; returns z (same layout) and the (B,) logdet."""
+        kv_cache: Optional[StarFlowKVCache] = None,
+        prepend_sos: bool = False,
+    ):
+        """Without `kv_cache`: data -> noise on (B, T, F, D) tokens in natural order; returns z (same layout)
+        and the (B,) logdet.
+
+        With `kv_cache` (one step of the noise -> data solve): `text` (B, L, text_dim), if given, is written
+        into the cache first; then (B, n, D) shifted block-order `tokens`, if given, run after everything
+        cached, with the SOS vector in front when `prepend_sos`. Returns their float32 (shift, scale), or
+        None for text alone. Everything runs in the dtype of `text` / `tokens` (the compute dtype)."""
+        if kv_cache is not None:
+            if text is not None:
+                self.run_layers(self.text_proj(text), rotary_emb, kv_cache=kv_cache)
+            if tokens is None:
+                return None
+            inputs = self.with_sos(tokens) if prepend_sos else tokens
+            return self.affine_params(self.run_layers(self.proj_in(inputs), rotary_emb, kv_cache=kv_cache))
         batch, frames, per_frame, channels = tokens.shape
         u = self.permute(tokens).reshape(batch, frames * per_frame, channels)
         hidden_states = self.proj_in(self.shifted_inputs(u))
@@ -492,29 +619,20 @@ class StarFlowFlowBlock(_LayerStack):
 
     # ---- sampling building blocks ------------------------------------------------------------------
 
-    def init_cache(self, batch_size: int, max_length: int, device=None, dtype=None) -> StarFlowKVCache:
-        weight = self.proj_in.weight
-        return StarFlowKVCache(
-            len(self.layers),
-            batch_size,
-            self.num_heads,
-            max_length,
-            self.head_dim,
-            dtype=dtype or weight.dtype,
-            device=device or weight.device,
-        )
+    def init_cache(self, batch_size: int, max_length: int) -> StarFlowKVCache:
+        """An empty cache for this block; each layer's buffers take the compute dtype and the device of its
+        first write."""
+        return StarFlowKVCache(len(self.layers), batch_size, self.num_heads, max_length, self.head_dim)
 
     def prefill_text(self, text: torch.Tensor, cache: StarFlowKVCache, rotary_emb) -> None:
-        hidden_states = self.text_proj(text.to(self.proj_in.weight.dtype))
-        self.run_layers(hidden_states, rotary_emb, kv_cache=cache)
+        """Write the text prefix into `cache` (`forward` with text and no tokens)."""
+        self(None, rotary_emb, text, kv_cache=cache)
 
     def evaluate_chunk(
-        self, inputs: torch.Tensor, cache: StarFlowKVCache, rotary_emb
+        self, inputs: torch.Tensor, cache: StarFlowKVCache, rotary_emb, prepend_sos: bool = False
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Run (B, n, D) shifted block-order inputs after the cached prefix; returns float32 (shift, scale)."""
-        hidden_states = self.proj_in(inputs.to(self.proj_in.weight.dtype))
-        hidden_states = self.run_layers(hidden_states, rotary_emb, kv_cache=cache)
-        return self.affine_params(hidden_states)
+        return self(inputs, rotary_emb, kv_cache=cache, prepend_sos=prepend_sos)
 
 
 class StarFlowDenoiser(_LayerStack):
@@ -534,10 +652,20 @@ class StarFlowDenoiser(_LayerStack):
         return self.proj_out(self.norm_out(hidden_states)).view(batch, frames, per_frame, channels)
 
 
+class FrameBand(NamedTuple):
+    """The learned denoiser's banded attention pattern over [text, frames] (see `denoiser_attention_mask`)."""
+
+    text_length: int
+    tokens_per_frame: int
+    window: int
+    lookahead: int
+
+
 def denoiser_attention_mask(
     text_length: int, num_frames: int, tokens_per_frame: int, window: int, lookahead: int, device=None
 ) -> torch.Tensor:
-    """Banded frame mask of the learned denoiser (True = visible).
+    """Dense boolean form of the denoiser's frame band (True = visible), the reference for
+    `frame_band_attention`.
 
     A query in frame f sees all text and frames f + lookahead - window ... f + lookahead; text rows see
     frames up to `lookahead`.
@@ -551,12 +679,40 @@ def denoiser_attention_mask(
     return (k < text_length) | ((frame_k >= frame_q + lookahead - window) & (frame_k <= last_q + lookahead))
 
 
+def frame_band_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, band: FrameBand, attend: Callable
+) -> torch.Tensor:
+    """Attention restricted to `band` without an N x N mask: memory linear in the number of frames.
+
+    The text queries and each frame's queries see the text plus one contiguous range of frames, so every
+    group is one unmasked `attend(q, k, v)` call ((B, H, *, E) in, (B, L, H, E) out) on slices."""
+    text, per_frame = band.text_length, band.tokens_per_frame
+    frames = (query.shape[2] - text) // per_frame
+
+    def visible(first: int, last: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        start, end = text + max(first, 0) * per_frame, text + (min(last, frames - 1) + 1) * per_frame
+        if start == text:
+            return key[:, :, :end], value[:, :, :end]
+        return (
+            torch.cat([key[:, :, :text], key[:, :, start:end]], dim=2),
+            torch.cat([value[:, :, :text], value[:, :, start:end]], dim=2),
+        )
+
+    outputs = []
+    if text > 0:
+        outputs.append(attend(query[:, :, :text], *visible(0, band.lookahead)))
+    for frame in range(frames):
+        rows = query[:, :, text + frame * per_frame : text + (frame + 1) * per_frame]
+        outputs.append(attend(rows, *visible(frame + band.lookahead - band.window, frame + band.lookahead)))
+    return torch.cat(outputs, dim=1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------------
 
 
-class StarFlowVTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class StarFlowVTransformer(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
     r"""
     The STARFlow / STARFlow-V normalizing flow (data -> noise in `forward`).
 
@@ -590,7 +746,11 @@ class StarFlowVTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     _no_split_modules = ["StarFlowTransformerLayer"]
     # `compile_repeated_blocks` (regional torch.compile) compiles every layer of every block and the denoiser
     _repeated_blocks = ["StarFlowTransformerLayer"]
-    _skip_layerwise_casting_patterns = ["sos_embed", "norm"]
+    # layerwise casting (fp8 storage) leaves these in their dtype: the norms (LayerNorm weights near one lose
+    # their offsets in fp8) and each block's affine output projection (its rounding goes straight into
+    # shift and log-scale, hence into z and the log-likelihood). SOS vectors are parameters of the blocks,
+    # not layers, and are never cast. tests/test_memory_tools.py shows each entry's effect.
+    _skip_layerwise_casting_patterns = ["norm", "proj_out"]
     _keep_in_fp32_modules = None
 
     @register_to_config
@@ -651,7 +811,6 @@ class StarFlowVTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 token_dim, shallow_width, denoiser_num_layers, attention_head_dim, mlp_ratio,
                 text_dim=text_embed_dim if denoiser_text_conditioned else 0,
             )
-        self._rotary_cache: Dict[Any, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.gradient_checkpointing = False
 
     # ---- layout helpers ----------------------------------------------------------------------------
@@ -717,54 +876,43 @@ class StarFlowVTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def rotary_embedding(
         self, num_frames: int, height: int, width: int, text_length: int, device=None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Float32 cos/sin tables for a [text, frames] sequence of token grids height x width."""
+        """Float32 cos/sin tables for a [text, frames] sequence of token grids height x width.
+
+        Computed on every call (no memo: a dict keyed by sizes would make torch.compile recompile); a solve
+        builds its table once (`rotary_phases`)."""
         device = torch.device(device) if device is not None else self.device
-        key = (num_frames, height, width, text_length, str(device))
-        if key not in self._rotary_cache:
-            positions = rope_positions(num_frames, height, width, text_length, self.config.rope_base_size, device)
-            self._rotary_cache[key] = rope_angles(positions, self.config.attention_head_dim)
-        return self._rotary_cache[key]
+        positions = rope_positions(num_frames, height, width, text_length, self.config.rope_base_size, device)
+        return rope_angles(positions, self.config.attention_head_dim)
 
-    # ---- data -> noise ------------------------------------------------------------------------------
+    # ---- entry points: every network evaluation is a `forward` of this module --------------------------
+    #
+    # Offloading hooks (model, sequential, group) and other diffusers hooks wrap `forward`, so the solve never
+    # calls a block or the denoiser directly: `denoise`, `forward_shallow` and `evaluate_block` call the
+    # module, whose `forward` dispatches on `task`. Weights (SOS vectors included) are only read inside the
+    # forward of the module that owns them.
 
-    def forward_shallow(
-        self, tokens: torch.Tensor, grid: Tuple[int, int]
-    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Shallow blocks on (B, T, F, D) tokens of an `grid` = (rows, cols) frame; returns the deep block's
+    def _shallow_tokens(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Shallow blocks on (B, T, F, D) tokens of a `grid` = (rows, cols) frame; returns the deep block's
         input and each block's (B,) logdet."""
         batch, frames, per_frame, channels = tokens.shape
-        side = grid
+        per_frame_blocks = self.config.shallow_blocks_per_frame
+        rotary = self.rotary_embedding(1 if per_frame_blocks else frames, *grid, 0, tokens.device)
         logdets = []
         for block in self.shallow_blocks:
-            if self.config.shallow_blocks_per_frame:
-                rotary = self.rotary_embedding(1, *side, 0, tokens.device)
+            if per_frame_blocks:
                 z, logdet = block(tokens.reshape(batch * frames, 1, per_frame, channels), rotary)
                 tokens, logdet = z.view(batch, frames, per_frame, channels), logdet.view(batch, frames).sum(1)
             else:
-                tokens, logdet = block(tokens, self.rotary_embedding(frames, *side, 0, tokens.device))
+                tokens, logdet = block(tokens, rotary)
             logdets.append(logdet)
         return tokens, logdets
 
-    @apply_lora_scale("attention_kwargs")
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: Optional[torch.Tensor] = None,
-        attention_kwargs: Optional[Dict[str, Any]] = None,
-        return_dict: bool = True,
-    ) -> Union[StarFlowVTransformerOutput, Tuple]:
-        """Map data to noise: z = f(x) and log|det df/dx|.
-
-        Args:
-            hidden_states: latents, (B, C, T, H, W) for a video model or (B, C, H, W) for an image model.
-            encoder_hidden_states: (B, L, text_embed_dim) text embeddings, padding already zeroed.
-            attention_kwargs: a `scale` entry scales the PEFT LoRA layers for this call.
-        """
+    def _flow(self, hidden_states, encoder_hidden_states, return_dict):
         self._check_input(hidden_states)
         self._check_text(encoder_hidden_states, hidden_states.shape[0])
         tokens = self.patchify(hidden_states)
         batch, frames, hp, wp, channels = tokens.shape
-        tokens, logdets = self.forward_shallow(tokens.reshape(batch, frames, hp * wp, channels), (hp, wp))
+        tokens, logdets = self._shallow_tokens(tokens.reshape(batch, frames, hp * wp, channels), (hp, wp))
         rotary = self.rotary_embedding(frames, hp, wp, encoder_hidden_states.shape[1], tokens.device)
         z, logdet = self.deep_block(tokens, rotary, encoder_hidden_states)
         logdets.append(logdet)
@@ -774,15 +922,7 @@ class StarFlowVTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             return sample, total, tuple(logdets)
         return StarFlowVTransformerOutput(sample=sample, logdet=total, block_logdets=tuple(logdets))
 
-    # ---- learned denoiser ---------------------------------------------------------------------------
-
-    def denoise(
-        self, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """The learned denoiser's prediction for a noisy latent, in the input's layout.
-
-        Sampling applies it as `x - 0.3 * denoise(x)` (see `DENOISER_STEP`).
-        """
+    def _denoise(self, hidden_states, encoder_hidden_states):
         if self.denoiser is None:
             raise ValueError(
                 "This model has no learned denoiser (`denoiser_num_layers=0`); use the score-based denoising "
@@ -796,15 +936,85 @@ class StarFlowVTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         tokens = self.patchify(hidden_states)
         batch, frames, hp, wp, channels = tokens.shape
         text_length = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        mask = None
+        band = None
         if self.config.is_video:
-            mask = denoiser_attention_mask(
-                text_length, frames, hp * wp, self.config.denoiser_window if self.config.denoiser_window else 10**9,
-                self.config.denoiser_lookahead, tokens.device,
-            )
+            window = self.config.denoiser_window if self.config.denoiser_window else 10**9
+            band = FrameBand(text_length, hp * wp, window, self.config.denoiser_lookahead)
         rotary = self.rotary_embedding(frames, hp, wp, text_length, tokens.device)
-        out = self.denoiser(tokens.reshape(batch, frames, hp * wp, channels), rotary, encoder_hidden_states, mask)
+        out = self.denoiser(tokens.reshape(batch, frames, hp * wp, channels), rotary, encoder_hidden_states, band)
         return self.unpatchify(out.view(batch, frames, hp, wp, channels))
+
+    @apply_lora_scale("attention_kwargs")
+    def forward(
+        self,
+        hidden_states: Optional[torch.Tensor],
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_kwargs: Optional[Dict[str, Any]] = None,
+        return_dict: bool = True,
+        task: str = "flow",
+        block_index: Optional[int] = None,
+        kv_cache: Optional[StarFlowKVCache] = None,
+        rotary_emb: Optional[torch.Tensor] = None,
+        prepend_sos: bool = False,
+    ):
+        """Map data to noise: z = f(x) and log|det df/dx| (`task="flow"`, the default).
+
+        Args:
+            hidden_states: latents, (B, C, T, H, W) for a video model or (B, C, H, W) for an image model.
+            encoder_hidden_states: (B, L, text_embed_dim) text embeddings, padding already zeroed.
+            attention_kwargs: a `scale` entry scales the PEFT LoRA layers for this call.
+            task: "flow"; or the network evaluations of sampling, reached through the methods that document
+                them: "denoise" (`denoise`), "shallow" (`forward_shallow`), "block" (`evaluate_block`, which
+                takes `block_index`, `kv_cache`, `rotary_emb` and `prepend_sos`).
+        """
+        if task == "flow":
+            return self._flow(hidden_states, encoder_hidden_states, return_dict)
+        if task == "block":
+            block = self.blocks[block_index]
+            text = encoder_hidden_states if block.text_proj is not None else None
+            return block(hidden_states, rotary_emb, text, kv_cache=kv_cache, prepend_sos=prepend_sos)
+        if task == "denoise":
+            return self._denoise(hidden_states, encoder_hidden_states)
+        if task == "shallow":
+            self._check_input(hidden_states)
+            tokens = self.patchify(hidden_states)
+            batch, frames, hp, wp, channels = tokens.shape
+            return self._shallow_tokens(tokens.reshape(batch, frames, hp * wp, channels), (hp, wp))
+        raise ValueError(f"`task` must be one of 'flow', 'block', 'denoise', 'shallow', got {task!r}.")
+
+    def denoise(
+        self, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The learned denoiser's prediction for a noisy latent, in the input's layout.
+
+        Sampling applies it as `x - 0.3 * denoise(x)` (see `DENOISER_STEP`). Its attention is banded in time
+        (`frame_band_attention`): memory grows linearly with the number of frames.
+        """
+        return self(hidden_states, encoder_hidden_states, task="denoise")
+
+    def forward_shallow(self, latents: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The shallow blocks on latents (B, C, T, H, W) (or (B, C, H, W)): the deep block's input as (B, T, F, D)
+        tokens in natural order, and each shallow block's (B,) logdet."""
+        return self(latents, task="shallow")
+
+    def evaluate_block(
+        self,
+        block_index: int,
+        inputs: Optional[torch.Tensor],
+        kv_cache: StarFlowKVCache,
+        rotary_emb,
+        text: Optional[torch.Tensor] = None,
+        prepend_sos: bool = False,
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """One incremental evaluation of block `block_index` (negative indices count from the deep block)
+        during sampling: writes `text` (deep block only) into `kv_cache`, then runs the (B, n, D) shifted
+        block-order `inputs` after everything cached and returns their float32 (shift, scale); see
+        `StarFlowFlowBlock.forward`. `rotary_emb` is the solve's `rotary_phases` table. Inputs and text must be
+        in the compute dtype (`self.dtype`, which diffusers' layerwise casting reports)."""
+        return self(
+            inputs, text, task="block", block_index=block_index, kv_cache=kv_cache, rotary_emb=rotary_emb,
+            prepend_sos=prepend_sos,
+        )
 
     # ---- objectives ---------------------------------------------------------------------------------
 
@@ -828,17 +1038,3 @@ class StarFlowVTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def bits_per_dim(cls, output: StarFlowVTransformerOutput) -> torch.Tensor:
         """(B,) full Gaussian negative log-likelihood per dimension, in bits."""
         return (cls.nll_per_sample(output) + 0.5 * math.log(2 * math.pi)) / math.log(2)
-
-    # ---- inference speed ------------------------------------------------------------------------------
-
-    def fuse_projections(self) -> None:
-        """Fuse every attention's q/k/v projections into one matmul (inference only; fuse LoRA first)."""
-        for module in self.modules():
-            if isinstance(module, StarFlowAttention):
-                module.fuse_projections()
-
-    def unfuse_projections(self) -> None:
-        for module in self.modules():
-            if isinstance(module, StarFlowAttention):
-                module.unfuse_projections()
-

@@ -332,7 +332,7 @@ class StarFlowSamplingMixin:
 
     def solve_chunk(
         self,
-        block: StarFlowFlowBlock,
+        block_index: int,
         chunk: FlowChunk,
         state: torch.Tensor,
         noise: torch.Tensor,
@@ -340,21 +340,26 @@ class StarFlowSamplingMixin:
         rotary,
         guidance_weight: float = 0.0,
         cfg_batch: bool = False,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
-        """Fixed-point iterations of one chunk; `state` is updated in place.
+        """Fixed-point iterations of one chunk of block `block_index`; `state` is updated in place. The network
+        runs in `dtype` (default the transformer's compute dtype).
 
         With per-sequence convergence (`convergence="sample"`), a converged sequence is fed the inputs it
         converged with while the others go on, so its values and cache entries stay those of its converging
         iteration: exactly what it would get alone."""
         scheduler = self.scheduler
+        dtype = dtype or self.transformer.dtype
         replay = scheduler.config.convergence == "sample" and state.shape[0] > 1
         converged, converged_inputs = None, None
         for iteration in range(scheduler.iterations_per_chunk):
-            inputs = scheduler.chunk_inputs(state, block.sos_embed, chunk, iteration)
+            inputs, prepend_sos = scheduler.chunk_inputs(state, chunk, iteration)
             if converged is not None:
                 inputs = torch.where(converged[:, None, None], converged_inputs, inputs)
             length = cache.length
-            params = block.evaluate_chunk(torch.cat([inputs, inputs]) if cfg_batch else inputs, cache, rotary)
+            params = self.transformer.evaluate_block(
+                block_index, _guidance_batch(inputs, cfg_batch).to(dtype), cache, rotary, prepend_sos=prepend_sos
+            )
             output = scheduler.step(params, chunk, state, noise, iteration, guidance_weight)
             if output.converged:
                 return
@@ -371,12 +376,15 @@ class StarFlowSamplingMixin:
         frames = 1 if per_frame else t
         chunks = self.scheduler.plan(hp * wp, frames)
         rotary = rotary_phases(self.transformer.rotary_embedding(frames, hp, wp, 0, tokens.device))
-        for block in reversed(self.transformer.shallow_blocks):
+        dtype = self.transformer.dtype
+        shallow = self.transformer.shallow_blocks
+        for index in reversed(range(len(shallow))):
+            block = shallow[index]
             seqs = block.permute(tokens).reshape(b * t // frames, frames * hp * wp, -1)
             noise, state = seqs, seqs.clone()
-            cache = block.init_cache(state.shape[0], frames * hp * wp, device=tokens.device)
+            cache = block.init_cache(state.shape[0], frames * hp * wp)
             for chunk in chunks:
-                self.solve_chunk(block, chunk, state, noise, cache, rotary)
+                self.solve_chunk(index, chunk, state, noise, cache, rotary, dtype=dtype)
             tokens = block.permute(state.reshape(b, t, hp * wp, -1))
         return tokens
 
@@ -432,7 +440,7 @@ class StarFlowSamplingMixin:
     def _denoise_chunk(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, mode: str) -> torch.Tensor:
         dtype = self.transformer.dtype
         if mode == "learned":
-            prediction = self.transformer.denoise(latents.to(dtype), prompt_embeds)
+            prediction = self.transformer.denoise(latents.to(dtype), prompt_embeds.to(dtype))
             return latents - DENOISER_STEP * prediction.float()
         # one step along the model's score: x - sigma^2 * numel * grad(loss)
         with torch.enable_grad():
@@ -468,34 +476,39 @@ class StarFlowSamplingMixin:
             per_frame, t, prefix_tokens, trained_frames=transformer.config.trained_latent_frames, device=noise.device
         )
         self._num_timesteps = scheduler.num_timesteps
-        text = torch.cat([prompt_embeds, negative_prompt_embeds]) if cfg_batch else prompt_embeds
+        dtype = transformer.dtype
+        text = _guidance_text(prompt_embeds, negative_prompt_embeds, cfg_batch, dtype)
         # the rotary table once per solve: each chunk then only slices it
         rotary = rotary_phases(transformer.rotary_embedding(t, grid[2], grid[3], text_length, noise.device))
-        cache = deep.init_cache(text.shape[0], scheduler.cache_length(per_frame, t, text_length), device=noise.device)
+        cache = deep.init_cache(text.shape[0], scheduler.cache_length(per_frame, t, text_length))
+        deep_index = len(transformer.blocks) - 1
 
         z = self._to_block_tokens(noise, deep)
         state = z.clone()
-        deep.prefill_text(text, cache, rotary)
+        transformer.evaluate_block(deep_index, None, cache, rotary, text=text)
         if context_latents is not None:
             # the known frames in the deep block's input space, then into its cache
-            tokens = transformer.patchify(context_latents.to(transformer.dtype))
-            tokens = tokens.reshape(b, context_latents.shape[2], per_frame, -1)
-            tokens, _ = transformer.forward_shallow(tokens, grid[2:])
+            tokens, _ = transformer.forward_shallow(context_latents.to(dtype))
             state[:, :prefix_tokens] = deep.permute(tokens).reshape(b, prefix_tokens, -1).float()
-            context = scheduler.context_inputs(state, deep.sos_embed, (0, prefix_tokens))
-            deep.evaluate_chunk(torch.cat([context, context]) if cfg_batch else context, cache, rotary)
+            context = scheduler.context_inputs(state, (0, prefix_tokens))
+            transformer.evaluate_block(
+                deep_index, _guidance_batch(context, cfg_batch).to(dtype), cache, rotary, prepend_sos=True
+            )
         yield _DeepSolveProgress(state, prefix_tokens // per_frame, prompt_embeds)
         with self.progress_bar(total=scheduler.num_timesteps) as progress_bar:
             for index, chunk in enumerate(scheduler.chunks):
                 if self.interrupt:
                     break
                 if chunk.context is not None:
+                    # a new window: a fresh cache holding the text and the kept frames, one evaluation
                     cache.truncate(0)
-                    deep.prefill_text(text, cache, rotary)
-                    context = scheduler.context_inputs(state, deep.sos_embed, chunk.context)
-                    deep.evaluate_chunk(torch.cat([context, context]) if cfg_batch else context, cache, rotary)
+                    context = scheduler.context_inputs(state, chunk.context)
+                    transformer.evaluate_block(
+                        deep_index, _guidance_batch(context, cfg_batch).to(dtype), cache, rotary, text=text,
+                        prepend_sos=True,
+                    )
                 weight = max(self._guidance_scale - 1.0, 0.0) if cfg_batch else 0.0
-                self.solve_chunk(deep, chunk, state, z, cache, rotary, weight, cfg_batch)
+                self.solve_chunk(deep_index, chunk, state, z, cache, rotary, weight, cfg_batch, dtype)
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
                     for name in callback_on_step_end_tensor_inputs:
@@ -508,7 +521,7 @@ class StarFlowSamplingMixin:
                     prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
                     # new embeddings apply from the next window's text prefix and to denoising
-                    text = torch.cat([prompt_embeds, negative_prompt_embeds]) if cfg_batch else prompt_embeds
+                    text = _guidance_text(prompt_embeds, negative_prompt_embeds, cfg_batch, dtype)
                     if self._guidance_scale > 1 and not cfg_batch:
                         logger.warning("Guidance cannot be switched on mid-solve without negative embeddings.")
                 progress_bar.update()
@@ -618,6 +631,16 @@ class StarFlowSamplingMixin:
                     yield from advance(progress, progress.frames_solved)
             # the solve is over (or interrupted): every frame counts as solved, as in `sample_latents`
             yield from advance(progress, t)
+
+
+def _guidance_batch(inputs: torch.Tensor, cfg_batch: bool) -> torch.Tensor:
+    """The same inputs for the conditional and unconditional halves of a guidance batch."""
+    return torch.cat([inputs, inputs]) if cfg_batch else inputs
+
+
+def _guidance_text(prompt_embeds, negative_prompt_embeds, cfg_batch: bool, dtype: torch.dtype) -> torch.Tensor:
+    text = torch.cat([prompt_embeds, negative_prompt_embeds]) if cfg_batch else prompt_embeds
+    return text.to(dtype)
 
 
 class _DeepSolveProgress(NamedTuple):

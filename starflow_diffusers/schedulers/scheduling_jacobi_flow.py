@@ -220,21 +220,21 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         return text_length + frames * tokens_per_frame
 
     @staticmethod
-    def chunk_inputs(sample: torch.Tensor, sos: torch.Tensor, chunk: FlowChunk, iteration: int) -> torch.Tensor:
-        """Network inputs of a chunk: token j is predicted from token j - 1 (the SOS vector for j = 0)."""
+    def chunk_inputs(sample: torch.Tensor, chunk: FlowChunk, iteration: int) -> Tuple[torch.Tensor, bool]:
+        """Network inputs of a chunk: token j is predicted from token j - 1. Returns the tokens and whether
+        the block must put its SOS vector in front of them (the chunk starts the sequence)."""
         offset = chunk.warm_start_offset if iteration == 0 else 0
         start, end = chunk.start - 1 - offset, chunk.end - 1 - offset
         if start >= 0:
-            return sample[:, start:end]
-        sos = sos.to(sample.dtype).expand(sample.shape[0], 1, -1)
-        return torch.cat([sos, sample[:, :end]], dim=1)
+            return sample[:, start:end], False
+        return sample[:, :end], True
 
     @staticmethod
-    def context_inputs(sample: torch.Tensor, sos: torch.Tensor, context: Tuple[int, int]) -> torch.Tensor:
-        """Inputs re-encoding tokens [start, end) as a fresh sequence: [sos, tokens[start:end-1]]."""
+    def context_inputs(sample: torch.Tensor, context: Tuple[int, int]) -> torch.Tensor:
+        """Inputs re-encoding tokens [start, end) as a fresh sequence, to run with the SOS vector in front:
+        tokens[start:end-1]."""
         start, end = context
-        sos = sos.to(sample.dtype).expand(sample.shape[0], 1, -1)
-        return torch.cat([sos, sample[:, start : end - 1]], dim=1)
+        return sample[:, start : end - 1]
 
     def step(
         self,

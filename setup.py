@@ -27,7 +27,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "sentencepiece", "compel>=2.5.1"],
+        # torchao: the quantized-loading test (a CPU build that installs without touching torch)
+        "test": ["pytest", "sentencepiece", "compel>=2.5.1", "torchao==0.18.0"],
         "train": ["tensorboard"],
     },
     entry_points={

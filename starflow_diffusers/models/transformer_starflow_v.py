@@ -58,8 +58,9 @@ class StarFlowVTransformerOutput(BaseOutput):
     """
 
     sample: torch.Tensor
-    logdet: torch.Tensor
-    block_logdets: Tuple[torch.Tensor, ...]
+    # defaults, as in every diffusers output: accelerate's hooks rebuild outputs from a dict of their fields
+    logdet: torch.Tensor = None
+    block_logdets: Tuple[torch.Tensor, ...] = None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 
 Every setting samples the same noise and text (`bench_small.inputs.safetensors`, guidance 4.5, no denoising)
 and is compared with the exact solution, the sequential inverse of the same flow:
-* time: median of `--repeats` runs after a warm-up, every setting in turn (round-robin); NFE as in `sampling_speed.py` (evaluate_chunk calls);
+* time: median of `--repeats` runs after a warm-up, every setting in turn (round-robin); NFE as in `sampling_speed.py` (chunk evaluations);
 * deviation: max and mean absolute difference of the sample from the sequential one, and the mean one
   relative to the sample's mean magnitude. (A `local_window` smaller than the video also changes what the
   deep block attends to, so its deviation includes that approximation.)

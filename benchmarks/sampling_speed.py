@@ -15,7 +15,7 @@ Definitions:
 * sampling: the flow inversion `pipe(..., denoise="none", output_type="latent")` with guidance 4.5
   (w = 3.5, [cond; uncond] text): the deep block with its KV cache, then the shallow blocks. This is what
   the original's `model.reverse` does; the learned denoiser is timed on its own ("denoise").
-* NFE: network evaluations during the solve, one per `StarFlowFlowBlock.evaluate_chunk` call: one chunk,
+* NFE: network evaluations during the solve, one per `StarFlowVTransformer.evaluate_block` call with tokens: one chunk,
   one iteration, one block (deep or shallow), both guidance halves in the same call. The text prefix is
   not counted; a sliding-window context re-encoding (long videos only) counts as one. Likelihood is 1.
 * time: the median of `--repeats` runs after one warm-up run, on `--threads` threads.
@@ -106,29 +106,30 @@ def load_inputs(path: Path, transformer: StarFlowVTransformer, frames: int):
 
 
 class CountingBlocks:
-    """Counts `evaluate_chunk` calls (NFE) and records the KV caches the flow blocks allocate."""
+    """Counts chunk evaluations (NFE: `evaluate_block` calls with token inputs) and records the KV caches the
+    flow blocks create, as (block, cache) pairs (`cache.nbytes` once the solve has written them)."""
 
     def __init__(self):
         self.nfe, self.caches = 0, []
 
     @contextmanager
     def active(self):
-        evaluate, init_cache = StarFlowFlowBlock.evaluate_chunk, StarFlowFlowBlock.init_cache
+        evaluate, init_cache = StarFlowVTransformer.evaluate_block, StarFlowFlowBlock.init_cache
 
-        def counted_evaluate(block, *args, **kwargs):
-            self.nfe += 1
-            return evaluate(block, *args, **kwargs)
+        def counted_evaluate(model, block_index, inputs, *args, **kwargs):
+            self.nfe += inputs is not None  # a text prefill alone is not counted
+            return evaluate(model, block_index, inputs, *args, **kwargs)
 
         def recorded_init_cache(block, *args, **kwargs):
             cache = init_cache(block, *args, **kwargs)
-            self.caches.append((block, cache.nbytes))
+            self.caches.append((block, cache))
             return cache
 
-        StarFlowFlowBlock.evaluate_chunk, StarFlowFlowBlock.init_cache = counted_evaluate, recorded_init_cache
+        StarFlowVTransformer.evaluate_block, StarFlowFlowBlock.init_cache = counted_evaluate, recorded_init_cache
         try:
             yield self
         finally:
-            StarFlowFlowBlock.evaluate_chunk, StarFlowFlowBlock.init_cache = evaluate, init_cache
+            StarFlowVTransformer.evaluate_block, StarFlowFlowBlock.init_cache = evaluate, init_cache
 
 
 def _status_bytes(field: str) -> int:
@@ -260,7 +261,7 @@ def run(args) -> dict:
                 row[f"{mode}_peak_mib"] = None if peak is None else round(peak / 2**20, 1)
                 timings[mode] = (lambda pipe=pipe: sample(pipe, noise, text), repeats)
                 if mode == "jacobi":
-                    row["kv_cache_bytes"] = max(n for block, n in counter.caches if block is transformer.deep_block)
+                    row["kv_cache_bytes"] = max(c.nbytes for block, c in counter.caches if block is transformer.deep_block)
                     if transformer.has_denoiser:
                         latents = sample(pipe, noise, text)
                         row["denoise_s"], _ = timed(lambda: pipe.denoise_latents(latents, text[:1], "learned"), args.repeats)
@@ -277,7 +278,7 @@ def run(args) -> dict:
         counter = CountingBlocks()
         with counter.active(), torch.no_grad():
             sample(make_pipeline(model, "jacobi"), noise, text)
-        cache_bytes[name] = max(n for block, n in counter.caches if block is model.deep_block)
+        cache_bytes[name] = max(c.nbytes for block, c in counter.caches if block is model.deep_block)
     result["kv_cache"] = {
         "frames": frames,
         "deep_fp32_bytes": cache_bytes["fp32"],

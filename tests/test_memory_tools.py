@@ -83,6 +83,26 @@ def test_model_cpu_offload_hook_sees_every_network_evaluation(reference):
     assert len(calls) > 10 and uses.inside > 0 and uses.outside == 0
 
 
+def test_model_cpu_offload_of_the_image_pipeline():
+    """The text-to-image pipeline shares the solve: its offload hook also sees every evaluation (the image
+    model's score step and likelihood included)."""
+    from starflow_diffusers import StarFlowPipeline
+    from starflow_diffusers.testing_utils import tiny_image_pipeline_components
+
+    def images(pipe):
+        return pipe(PROMPT, height=8, width=8, guidance_scale=3.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    plain = StarFlowPipeline(**tiny_image_pipeline_components())
+    plain.set_progress_bar_config(disable=True)
+    pipe = StarFlowPipeline(**tiny_image_pipeline_components())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_model_cpu_offload(device="cpu")
+    uses = WeightUses(pipe.transformer)
+    assert torch.equal(images(pipe), images(plain))
+    assert uses.inside > 0 and uses.outside == 0
+
+
 def test_sequential_offload_weights_live_on_meta_between_calls(reference):
     from accelerate import cpu_offload
 
@@ -94,16 +114,19 @@ def test_sequential_offload_weights_live_on_meta_between_calls(reference):
     assert torch.equal(sample(pipe, denoise="score"), sample(tiny_pipeline(with_vae=False), denoise="score"))
 
 
-@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level", "block_level_denoiser_blocks"])
 @pytest.mark.parametrize("to_disk", [False, True])
 def test_group_offloading_onloads_every_group_it_uses(reference, offload_type, to_disk, tmp_path, monkeypatch):
     onloads = []
     onload = group_offloading.ModuleGroup.onload_
     monkeypatch.setattr(group_offloading.ModuleGroup, "onload_", lambda group: onloads.append(group) or onload(group))
     pipe = tiny_pipeline(with_vae=False)
-    kwargs = dict(onload_device=torch.device("cpu"), offload_type=offload_type)
-    if offload_type == "block_level":
+    kwargs = dict(onload_device=torch.device("cpu"), offload_type=offload_type.replace("_denoiser_blocks", ""))
+    if offload_type.startswith("block_level"):
         kwargs["num_blocks_per_group"] = 1
+    if offload_type == "block_level_denoiser_blocks":
+        # the denoiser's layers as groups too, so that a solve step does not onload the whole denoiser
+        kwargs["block_modules"] = ["denoiser"]
     if to_disk:
         # weights are read back from safetensors files at onload: a group used without its hook computes with
         # stale or freed storage
@@ -111,7 +134,7 @@ def test_group_offloading_onloads_every_group_it_uses(reference, offload_type, t
     pipe.transformer.enable_group_offload(**kwargs)
     assert torch.equal(sample(pipe), reference)
     onloaded = {id(module) for group in onloads for module in group.modules}
-    if offload_type == "block_level":
+    if offload_type.startswith("block_level"):
         assert all(id(block) in onloaded for block in pipe.transformer.blocks)
     else:
         assert id(pipe.transformer.deep_block.proj_in) in onloaded and id(pipe.transformer.denoiser.proj_in) in onloaded
@@ -163,6 +186,8 @@ def test_layerwise_casting_to_fp8_computes_with_the_rounded_weights(storage_dtyp
     assert cast.transformer.deep_block.norm_out.weight.dtype == compute_dtype
     assert cast.transformer.deep_block.layers[0].norm1.weight.dtype == compute_dtype
     assert cast.transformer.deep_block.sos_embed.dtype == compute_dtype
+    # the affine output projections are skipped (`_skip_layerwise_casting_patterns`)
+    assert all(block.proj_out.weight.dtype == compute_dtype for block in cast.transformer.blocks)
     atol = 1e-6 if compute_dtype == torch.float32 else 1e-2
     for denoise in ("learned", "score"):
         caches.clear()

@@ -114,7 +114,7 @@ def test_cli_folder_matches_direct_conversion(tmp_path, name, latent_shape):
     reference = convert_original_checkpoint(str(checkpoint), str(config))
     output = tmp_path / "transformer"
     assert convert(output, checkpoint, config) == 0
-    assert sorted(os.listdir(output)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(os.listdir(output)) == [writer.MARKER_NAME, "config.json", "diffusion_pytorch_model.safetensors"]
     model = StarFlowVTransformer.from_pretrained(output)
     assert _public(model.config) == _public(reference.config)
     assert_same_weights(model, reference)
@@ -153,14 +153,104 @@ def test_cli_small_shards(tmp_path, reference):
     assert_same_weights(StarFlowVTransformer.from_pretrained(output), reference)
 
 
-def test_overwrite(tmp_path, reference):
+def test_overwrite_replaces_an_earlier_conversion(tmp_path, reference):
     output = tmp_path / "out"
-    output.mkdir()
-    (output / "stale.txt").write_text("old")
+    assert convert(output, VIDEO_PTH, VIDEO_YAML, "--max-shard-size", "300KB") == 0
+    assert len(list(output.glob("*.safetensors"))) > 1
     assert convert(output, VIDEO_PTH, VIDEO_YAML, "--overwrite") == 0
-    assert not (output / "stale.txt").exists()
+    # the old shards are gone, the new single file is in place
+    assert sorted(p.name for p in output.glob("*.safetensors")) == ["diffusion_pytorch_model.safetensors"]
+    assert (output / writer.MARKER_NAME).is_file()
     assert_same_weights(StarFlowVTransformer.from_pretrained(output), reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _snapshot(root: Path) -> dict:
+    """Every file under `root` with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("target", ["checkpoint folder", "its parent", "dot inside the checkpoint folder"])
+@pytest.mark.parametrize("transformer_only", [False, True])
+def test_overwrite_never_touches_the_inputs_or_their_folders(tmp_path, monkeypatch, capsys, target, transformer_only):
+    """The worst case of issue 17: `--output . --overwrite` run inside the checkpoint's folder used to leave
+    only the new folder. Every pre-existing file survives byte for byte."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    checkpoint, config = folder / "video_tiny.pth", folder / "video_tiny.yaml"
+    checkpoint.write_bytes(VIDEO_PTH.read_bytes())
+    config.write_bytes(VIDEO_YAML.read_bytes())
+    (folder / "notes.txt").write_text("my notes")
+    (tmp_path / "other.txt").write_text("unrelated")
+    before = _snapshot(tmp_path)
+    output = {"checkpoint folder": folder, "its parent": tmp_path, "dot inside the checkpoint folder": Path(".")}[target]
+    monkeypatch.chdir(folder)
+    extra = ["--transformer-only"] if transformer_only else []
+    code = main(["--checkpoint", str(checkpoint), "--config", str(config), "--output", str(output), "--overwrite", *extra])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"starflow-convert: error: output directory .* contains the input .*\n", err)
+    assert _snapshot(tmp_path) == before
+
+
+def test_overwrite_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "config.json").write_text("{}")  # looks like a model folder, but no conversion wrote it
+    assert convert(output, VIDEO_PTH, VIDEO_YAML, "--overwrite") == 2
+    assert "was not written by starflow-convert" in capsys.readouterr().err
+    assert sorted(os.listdir(output)) == ["config.json"]
+
+
+def test_overwrite_refuses_foreign_files_in_an_earlier_conversion(tmp_path, capsys):
+    output = tmp_path / "out"
+    assert convert(output) == 0
+    (output / "my_results.csv").write_text("1,2,3")
+    before = _snapshot(output)
+    assert convert(output, VIDEO_PTH, VIDEO_YAML, "--overwrite") == 2
+    assert "holds files a conversion does not write (my_results.csv)" in capsys.readouterr().err
+    assert _snapshot(output) == before
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_stale_staging_of_killed_runs_is_cleaned_up_safely(tmp_path, reference):
+    output = tmp_path / "out"
+    dead = _dead_pid()
+
+    def staging(pid, suffix="", marker=True):
+        path = tmp_path / f".out.partial-{pid}-0123abcd{suffix}"
+        path.mkdir()
+        if marker:
+            (path / writer.MARKER_NAME).write_text("{}")
+        (path / "config.json").write_text("{}")
+        return path
+
+    killed = staging(dead)
+    alive = staging(os.getpid())  # a conversion still running
+    unmarked = staging(dead + 1 if dead + 1 != os.getpid() else dead + 2, marker=False)  # not ours
+    other = tmp_path / ".outer.partial-1-0123abcd"  # staging of another output name
+    other.mkdir()
+    (other / writer.MARKER_NAME).write_text("{}")
+    assert convert(output) == 0
+    assert not killed.exists() and alive.exists() and unmarked.exists() and other.exists()
+    assert_same_weights(StarFlowVTransformer.from_pretrained(output), reference)
+
+
+def test_a_run_killed_between_its_renames_gets_the_old_output_back(tmp_path):
+    """Killed after moving the previous output aside and before moving the new one in: the next run puts
+    the previous output back before it checks the folder."""
+    output = tmp_path / "out"
+    assert convert(output) == 0
+    before = _snapshot(output)
+    moved_aside = tmp_path / f".out.partial-{_dead_pid()}-0123abcd.old"
+    output.rename(moved_aside)
+    assert writer.clean_stale_staging(str(output)) == [str(moved_aside)]
+    assert _snapshot(output) == before and not moved_aside.exists()
 
 
 def test_existing_output_is_refused(tmp_path, capsys):
@@ -179,8 +269,8 @@ def test_existing_output_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("interrupt", [RuntimeError("disk on fire"), KeyboardInterrupt()])
 def test_interrupted_write_leaves_output_untouched(tmp_path, monkeypatch, interrupt):
     output = tmp_path / "out"
-    output.mkdir()
-    (output / "keep.txt").write_text("mine")
+    assert convert(output) == 0
+    before = _snapshot(output)
     real_save_shard, calls = writer.save_shard, []
 
     def failing_save_shard(tensors, path):
@@ -197,7 +287,7 @@ def test_interrupted_write_leaves_output_untouched(tmp_path, monkeypatch, interr
         with pytest.raises(RuntimeError, match="disk on fire"):
             convert(*args)
     assert len(calls) == 3
-    assert sorted(os.listdir(output)) == ["keep.txt"]
+    assert _snapshot(output) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -284,13 +374,13 @@ def test_bad_checkpoints(tmp_path, original_state, capsys):
 
 def test_bad_checkpoint_keeps_existing_output(tmp_path, original_state, capsys):
     output = tmp_path / "out"
-    output.mkdir()
-    (output / "keep.txt").write_text("mine")
+    assert convert(output) == 0
+    before = _snapshot(output)
     checkpoint = tmp_path / "bad.pth"
     torch.save({k: v for k, v in original_state.items() if k != "blocks.0.proj_in.bias"}, checkpoint)
     assert convert(output, checkpoint, VIDEO_YAML, "--overwrite") == 2
     assert "missing key(s): blocks.0.proj_in.bias" in capsys.readouterr().err
-    assert sorted(os.listdir(output)) == ["keep.txt"]
+    assert _snapshot(output) == before
     assert_no_staging_left(tmp_path)
 
 

@@ -259,6 +259,9 @@ def _counting_backend(monkeypatch, name: AttentionBackendName, implementation=No
 
 
 def test_set_attention_backend_is_honoured(reference, monkeypatch):
+    # diffusers' `set_attention_backend` also sets the process-wide active backend, which
+    # `reset_attention_backend` does not restore: restored here for the other tests
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
     calls = _counting_backend(monkeypatch, AttentionBackendName._NATIVE_MATH)
     pipe = tiny_pipeline(with_vae=False)
     pipe.transformer.set_attention_backend("_native_math")
@@ -361,7 +364,7 @@ def test_denoiser_builds_no_dense_mask(monkeypatch):
 # ---- torch.compile -----------------------------------------------------------------------------------------
 
 
-def test_compiled_transformer_does_not_recompile(monkeypatch):
+def test_compiled_transformer_does_not_recompile():
     """`torch.compile(transformer)`: a second call does not recompile, nor (with `dynamic=True`) do other
     sizes. (torch itself specialises sizes 0 and 1 and merges equal sizes of the first call: the sizes here avoid
     both.)"""
@@ -371,9 +374,9 @@ def test_compiled_transformer_does_not_recompile(monkeypatch):
             torch._dynamo.reset()
             compiled = torch.compile(model, backend="aot_eager", dynamic=dynamic)
             for index, shape in enumerate(shapes):
-                monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", index > 0)
                 x, text = torch.randn(shape), torch.randn(shape[0], 16, 16)
-                out = compiled(x, text)
+                with torch._dynamo.config.patch(error_on_recompile=index > 0):
+                    out = compiled(x, text)
                 torch.testing.assert_close(out.logdet, model(x, text).logdet, rtol=0, atol=1e-4)
     torch._dynamo.reset()
 

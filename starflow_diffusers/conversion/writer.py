@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import uuid
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import save_file
@@ -135,33 +135,113 @@ def write_transformer_folder(
     return {"files": names, "num_tensors": len(ordered), "total_size": total_size}
 
 
-def check_output_directory(output_dir: str, overwrite: bool = False) -> None:
-    """Refuse to replace an existing file, or a non-empty directory unless `overwrite`."""
+# Every folder the converter writes holds this file; `--overwrite` replaces only such folders.
+MARKER_NAME = ".starflow-conversion.json"
+# What a conversion writes at the top of its folder (anything else there is the user's).
+_WRITTEN_NAMES = re.compile(
+    r"^(\.starflow-conversion\.json|config\.json|model_index\.json|diffusion_pytorch_model.*\.safetensors(\.index\.json)?"
+    r"|transformer|scheduler|vae|text_encoder|tokenizer)$"
+)
+_STAGING_PATTERN = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)-[0-9a-f]{8}(?P<old>\.old)?$")
+
+
+def _is_within(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_output_directory(output_dir: str, overwrite: bool = False, inputs: Sequence[str] = ()) -> None:
+    """Refuse an output path that is a file, holds any of the `inputs`, or is a non-empty folder; with
+    `overwrite`, a non-empty folder is accepted only if a previous conversion wrote it (its marker file) and
+    it holds nothing else."""
     if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
         raise ConversionError(f"output path {output_dir} exists and is not a directory.")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+    for path in inputs:
+        if path and _is_within(path, output_dir):
+            raise ConversionError(
+                f"output directory {output_dir} contains the input {path}; write the conversion to a new folder."
+            )
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        return
+    if not overwrite:
         raise ConversionError(
-            f"output directory {output_dir} already exists and is not empty; pass --overwrite to replace it."
+            f"output directory {output_dir} already exists and is not empty; pass --overwrite to replace a "
+            f"folder an earlier conversion wrote."
+        )
+    if not os.path.isfile(os.path.join(output_dir, MARKER_NAME)):
+        raise ConversionError(
+            f"output directory {output_dir} was not written by starflow-convert (it has no {MARKER_NAME}); "
+            f"--overwrite only replaces an earlier conversion's folder."
+        )
+    foreign = sorted(name for name in os.listdir(output_dir) if not _WRITTEN_NAMES.match(name))
+    if foreign:
+        raise ConversionError(
+            f"output directory {output_dir} holds files a conversion does not write ({', '.join(foreign[:5])}); "
+            f"move them away or choose another --output."
         )
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_staging(output_dir: str) -> List[str]:
+    """Remove the staging folders of conversions into `output_dir` whose process is gone (killed runs).
+
+    Only folders named like ours, holding our marker, of a process that no longer runs are touched. A
+    moved-aside previous output (`.old`) goes back into place if the new one never arrived."""
+    parent, name = os.path.split(os.path.abspath(output_dir))
+    removed = []
+    if not os.path.isdir(parent):
+        return removed
+    for entry in sorted(os.listdir(parent)):
+        match = _STAGING_PATTERN.match(entry)
+        path = os.path.join(parent, entry)
+        if (
+            match is None or match.group("name") != name or not os.path.isdir(path)
+            or not os.path.isfile(os.path.join(path, MARKER_NAME)) or _process_alive(int(match.group("pid")))
+        ):
+            continue
+        if match.group("old") and not os.path.lexists(output_dir):
+            os.rename(path, output_dir)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _write_marker(directory: str, inputs: Sequence[str]) -> None:
+    with open(os.path.join(directory, MARKER_NAME), "w", encoding="utf-8") as f:
+        json.dump({"written_by": "starflow-convert", "inputs": [os.path.abspath(p) for p in inputs if p]}, f)
+        f.write("\n")
+
+
 @contextlib.contextmanager
-def staged_output_directory(output_dir: str, overwrite: bool = False) -> Iterator[str]:
+def staged_output_directory(output_dir: str, overwrite: bool = False, inputs: Sequence[str] = ()) -> Iterator[str]:
     """Yield an empty staging directory beside `output_dir`; on success it replaces `output_dir`.
 
-    Staging on the same filesystem makes the final step a rename. An existing output is moved aside, the
-    new one moved in, and only then the old one deleted. On any error or interrupt the staging directory is
-    removed and an existing output is left as it was.
+    Staging on the same filesystem makes the final step a rename. An existing output (checked by
+    `check_output_directory`) is moved aside, the new one moved in, and only then the old one deleted. On
+    any error or interrupt the staging directory is removed and an existing output is left as it was; a
+    killed run's leftovers are cleaned up by the next run (`clean_stale_staging`).
     """
     output_dir = os.path.abspath(output_dir)
-    check_output_directory(output_dir, overwrite)
+    clean_stale_staging(output_dir)
+    check_output_directory(output_dir, overwrite, inputs)
     parent, name = os.path.split(output_dir)
     os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+    staging = os.path.join(parent, f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.mkdir(staging)
     try:
+        _write_marker(staging, inputs)
         yield staging
-        check_output_directory(output_dir, overwrite)
+        check_output_directory(output_dir, overwrite, inputs)
         _move_into_place(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -195,9 +275,10 @@ def convert_checkpoint_to_folder(
     written. Returns the summary of `write_transformer_folder`.
     """
     parse_size(max_shard_size)
-    check_output_directory(output_dir, overwrite)
+    inputs = (checkpoint_path, config_path)
+    check_output_directory(output_dir, overwrite, inputs)
     config, state_dict = load_and_convert_original(checkpoint_path, config_path)
-    with staged_output_directory(output_dir, overwrite) as staging:
+    with staged_output_directory(output_dir, overwrite, inputs) as staging:
         return write_transformer_folder(state_dict, config, staging, torch_dtype, max_shard_size)
 
 
@@ -275,15 +356,20 @@ def convert_checkpoint_to_pipeline_folder(
     from ..schedulers import JacobiFlowScheduler
 
     parse_size(max_shard_size)
-    check_output_directory(output_dir, overwrite)
+    inputs = (checkpoint_path, config_path, vae_path, text_encoder_path, tokenizer_path)
+    check_output_directory(output_dir, overwrite, inputs)
     config, state_dict = load_and_convert_original(checkpoint_path, config_path)
     pipeline_config = pipeline_config_from_original(load_original_config(config_path))
     components = load_pipeline_components(config, vae_path, text_encoder_path, tokenizer_path, torch_dtype)
     pipeline_class = StarFlowVPipeline if config["is_video"] else StarFlowPipeline
-    scheduler = JacobiFlowScheduler()
+    # the released context (16 frames) where the window allows it, else one frame less than the window, so
+    # that long videos work with the written settings
+    window = config.get("trained_latent_frames")
+    context = JacobiFlowScheduler().config.context_frames
+    scheduler = JacobiFlowScheduler(context_frames=min(context, window - 1) if window and window > 1 else context)
     # a meta-device transformer: the pipeline object only serves to write model_index.json
     pipeline = pipeline_class(transformer=build_empty_model(config), scheduler=scheduler, **components, **pipeline_config)
-    with staged_output_directory(output_dir, overwrite) as staging:
+    with staged_output_directory(output_dir, overwrite, inputs) as staging:
         pipeline.save_config(staging)
         scheduler.save_pretrained(os.path.join(staging, "scheduler"))
         for name, component in components.items():

@@ -133,7 +133,7 @@ def rotate_pairs(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
     """`apply_rotary` as one complex product (one op instead of ten): x (..., E) times `rotary_phases`
     (..., E/2, 2) broadcast against it, computed in float32."""
     pairs = (x if x.dtype == torch.float32 else x.float()).unflatten(-1, (-1, 2))
-    if torch.compiler.is_compiling() or x.device.type == "mps":
+    if x.is_mps or torch.compiler.is_compiling():
         # inductor generates no code for complex ops and MPS supports them only in part: the same product in
         # real arithmetic (in eager on CPU it is 3-8x slower than the complex product, hence not everywhere)
         cos, sin = phases.unbind(-1)
@@ -370,22 +370,23 @@ def flow_attention(
     * an explicit mask tensor: passed to the backend.
     """
     backend = resolve_attention_backend(backend)
-
-    def attend(q, k, v, attn_mask=None, is_causal=False):
-        return dispatch_heads_first(q, k, v, attn_mask, is_causal, backend, parallel_config)
-
-    if isinstance(attention_mask, FrameBand):
-        return frame_band_attention(query, key, value, attention_mask, attend)
+    if attention_mask is not None:
+        if isinstance(attention_mask, FrameBand):
+            return frame_band_attention(
+                query, key, value, attention_mask,
+                lambda q, k, v: dispatch_heads_first(q, k, v, backend=backend, parallel_config=parallel_config),
+            )
+        return dispatch_heads_first(query, key, value, attention_mask, False, backend, parallel_config)
     length, size = query.shape[2], key.shape[2]
-    if attention_mask is not None or not causal or length == 1:
-        return attend(query, key, value, attention_mask)
-    if length == size:
-        return attend(query, key, value, is_causal=True)
-    if backend in LOWER_RIGHT_CAUSAL_BACKENDS:
-        return attend(query, key, value, is_causal=True)
-    if backend in SDPA_BACKENDS and query.device.type != "cpu" and length != query.shape[0]:
+    if not causal or length == 1:
+        return dispatch_heads_first(query, key, value, None, False, backend, parallel_config)
+    if length == size or backend in LOWER_RIGHT_CAUSAL_BACKENDS:
+        return dispatch_heads_first(query, key, value, None, True, backend, parallel_config)
+    # a chunk after a cached prefix
+    if not query.is_cpu and backend in SDPA_BACKENDS and length != query.shape[0]:
         # (a 2-D bias with as many rows as the batch would be read as a key-padding mask by the native backend)
-        return attend(query, key, value, causal_lower_right(length, size))
+        bias = causal_lower_right(length, size)
+        return dispatch_heads_first(query, key, value, bias, False, backend, parallel_config)
     if kv_cache is not None and not torch.compiler.is_compiling():
         # eager: one bias per chunk, kept by the cache (a compiled graph builds its own, fused)
         bias = kv_cache.owner.prefix_causal_bias(length, query.dtype, query.device)
@@ -394,7 +395,10 @@ def flow_attention(
             return chunk_attention(query, key, value, bias, workspace).transpose(1, 2)
     else:
         bias = additive_mask(prefix_causal_mask(size - length, length, query.device), query.dtype)
-    return attend(query, key, value, bias[None, None])
+    # 2-D for SDPA itself (its CPU kernel is a little faster so), 4-D for the dispatcher's backends (which read
+    # a 2-D mask with as many rows as the batch as a key-padding mask)
+    bias = bias if backend == AttentionBackendName.NATIVE and parallel_config is None else bias[None, None]
+    return dispatch_heads_first(query, key, value, bias, False, backend, parallel_config)
 
 
 class StarFlowAttnProcessor:
@@ -536,7 +540,8 @@ class _LayerStack(nn.Module):
 def execution_device(module: nn.Module) -> Optional[torch.device]:
     """The device accelerate runs `module` on when a model is dispatched over devices (`device_map`), else
     None (it runs where its inputs are)."""
-    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    # (`__dict__`: nn.Module's attribute lookup raises and catches for a missing name, slow per layer call)
+    device = getattr(module.__dict__.get("_hf_hook"), "execution_device", None)
     return None if device is None else torch.device(device)
 
 

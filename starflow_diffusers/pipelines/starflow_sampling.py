@@ -9,6 +9,7 @@ The mixin also holds what the text-to-video and text-to-image pipelines share ar
 template and text encoding, input validation, frame-size resolution and the initial noise.
 """
 
+import contextlib
 import math
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -319,6 +320,21 @@ class StarFlowSamplingMixin:
 
     # ---- the flow inversion ---------------------------------------------------------------------------------
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the transformer computes in (`transformer.dtype`, which diffusers' layerwise casting
+        reports as its compute dtype). The lookup walks every module, so a solve holds it for its duration
+        (`_holding_compute_dtype`)."""
+        return getattr(self, "_compute_dtype", None) or self.transformer.dtype
+
+    @contextlib.contextmanager
+    def _holding_compute_dtype(self):
+        self._compute_dtype = self.transformer.dtype
+        try:
+            yield
+        finally:
+            self._compute_dtype = None
+
     def _to_block_tokens(self, latents: torch.Tensor, block: StarFlowFlowBlock) -> torch.Tensor:
         """(B, C, T, H, W) -> float32 (B, T*F, D) tokens in `block`'s order."""
         tokens = self.transformer.patchify(latents).float()
@@ -349,7 +365,7 @@ class StarFlowSamplingMixin:
         converged with while the others go on, so its values and cache entries stay those of its converging
         iteration: exactly what it would get alone."""
         scheduler = self.scheduler
-        dtype = dtype or self.transformer.dtype
+        dtype = dtype or self.compute_dtype
         replay = scheduler.config.convergence == "sample" and state.shape[0] > 1
         converged, converged_inputs = None, None
         for iteration in range(scheduler.iterations_per_chunk):
@@ -376,7 +392,7 @@ class StarFlowSamplingMixin:
         frames = 1 if per_frame else t
         chunks = self.scheduler.plan(hp * wp, frames)
         rotary = rotary_phases(self.transformer.rotary_embedding(frames, hp, wp, 0, tokens.device))
-        dtype = self.transformer.dtype
+        dtype = self.compute_dtype
         shallow = self.transformer.shallow_blocks
         for index in reversed(range(len(shallow))):
             block = shallow[index]
@@ -438,7 +454,7 @@ class StarFlowSamplingMixin:
         return max(complete, solved - config.denoiser_num_layers * config.denoiser_lookahead)
 
     def _denoise_chunk(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, mode: str) -> torch.Tensor:
-        dtype = self.transformer.dtype
+        dtype = self.compute_dtype
         if mode == "learned":
             prediction = self.transformer.denoise(latents.to(dtype), prompt_embeds.to(dtype))
             return latents - DENOISER_STEP * prediction.float()
@@ -476,7 +492,7 @@ class StarFlowSamplingMixin:
             per_frame, t, prefix_tokens, trained_frames=transformer.config.trained_latent_frames, device=noise.device
         )
         self._num_timesteps = scheduler.num_timesteps
-        dtype = transformer.dtype
+        dtype = self.compute_dtype
         text = _guidance_text(prompt_embeds, negative_prompt_embeds, cfg_batch, dtype)
         # the rotary table once per solve: each chunk then only slices it
         rotary = rotary_phases(transformer.rotary_embedding(t, grid[2], grid[3], text_length, noise.device))
@@ -552,7 +568,7 @@ class StarFlowSamplingMixin:
         block's cache, and the solve continues after them; the output keeps all T frames."""
         b, _, t, h, w = noise.shape
         p = self.transformer.config.patch_size
-        with _lora_scale(self.transformer, (self._attention_kwargs or {}).get("scale")):
+        with self._holding_compute_dtype(), _lora_scale(self.transformer, (self._attention_kwargs or {}).get("scale")):
             for progress in self._solve_deep_block(
                 noise, prompt_embeds, negative_prompt_embeds, callback_on_step_end,
                 callback_on_step_end_tensor_inputs, context_latents,
@@ -621,7 +637,7 @@ class StarFlowSamplingMixin:
                 yield frames[:, :, emitted:final].clone()
                 emitted = final
 
-        with _lora_scale(self.transformer, (self._attention_kwargs or {}).get("scale")):
+        with self._holding_compute_dtype(), _lora_scale(self.transformer, (self._attention_kwargs or {}).get("scale")):
             progress = None
             for progress in self._solve_deep_block(
                 noise, prompt_embeds, negative_prompt_embeds, callback_on_step_end,

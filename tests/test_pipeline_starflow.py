@@ -179,7 +179,7 @@ BAD_CALLS = [
     (dict(prompt="a", height=0), "`height` must be a positive integer"),
     (dict(prompt="a", width=-8), "`width` must be a positive integer"),
     (dict(prompt="a", height=1), "`height`=1 is smaller than one latent cell"),
-    (dict(prompt="a", guidance_scale=0.5), "`guidance_scale` must be >= 1"),
+    (dict(prompt="a", guidance_scale=0.5), "`guidance_scale` must be a finite number >= 1"),
     (dict(prompt="a", num_images_per_prompt=0), "`num_images_per_prompt` must be a positive integer"),
     (dict(prompt="a", aspect_ratio="wide"), "`aspect_ratio` must look like"),
     (dict(prompt="a", callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),

@@ -22,6 +22,7 @@ from ..models.transformer_starflow_v import StarFlowVTransformer
 from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
 from .starflow_sampling import (
     StarFlowSamplingMixin,
+    check_finite,
     closest_trained_aspect_ratio,
     integer_pixels_to_unit_range,
     parse_aspect_ratio,
@@ -409,6 +410,7 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
         channels = self.transformer.config.in_channels
         if latents is not None and (latents.ndim != 4 or latents.shape[1] != channels):
             raise ValueError(f"`latents` must be (batch, {channels}, height, width), got {tuple(latents.shape)}.")
+        check_finite(latents=latents, prompt_embeds=prompt_embeds)
         device = self._execution_device
         if latents is None:
             latents = self.encode_image(image, height, width, generator, sample_posterior)

@@ -30,6 +30,7 @@ from .starflow_sampling import (
     StarFlowSamplingMixin,
     closest_trained_aspect_ratio,
     frame_size_for_aspect_ratio,
+    check_finite,
     integer_pixels_to_unit_range,
     parse_aspect_ratio,
 )
@@ -459,12 +460,13 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
         default_h, default_w = frame_size_for_aspect_ratio(aspect_ratio, self.default_base_frame_size, self.spatial_multiple)
         return height or default_h, width or default_w, aspect_ratio
 
-    def encode_video(self, frames, height: int, width: int, generator=None) -> torch.Tensor:
+    def encode_video(self, frames, height: int, width: int, generator=None, name: str = "video") -> torch.Tensor:
         """Pixel frames -> normalised model-space latents (1, C, T, h, w), not noise-augmented.
 
         Frames are resized and centre-cropped to (height, width); with a VAE, a clip whose length is not
         4k+1 is trimmed to the longest 4k+1 prefix (with a warning)."""
-        pixels = self.video_processor.preprocess_video(integer_pixels_to_unit_range(frames), height, width, resize_mode="crop")
+        frames = integer_pixels_to_unit_range(frames, name)
+        pixels = self.video_processor.preprocess_video(frames, height, width, resize_mode="crop")
         if self.vae is None:
             return pixels.to(self._execution_device, torch.float32)
         if (pixels.shape[2] - 1) % self.vae_scale_factor_temporal:
@@ -504,6 +506,7 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
             raise ValueError(
                 f"`latents` must be (batch, {self.transformer.config.in_channels}, frames, height, width), got {tuple(latents.shape)}."
             )
+        check_finite(latents=latents, prompt_embeds=prompt_embeds)
         device = self._execution_device
         if video is not None:
             frames = self.load_video_frames(video)

@@ -19,6 +19,7 @@ from diffusers.utils import load_image, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .pipeline_starflow_v import StarFlowVPipeline, StarFlowVPipelineOutput
+from .starflow_sampling import check_finite, integer_pixels_to_unit_range
 
 
 logger = logging.get_logger(__name__)
@@ -110,7 +111,10 @@ class StarFlowVImageToVideoPipeline(StarFlowVPipeline):
             raise ValueError(f"`{name}` must be (batch, {channels}, frames, height, width), got {tuple(context.shape)}.")
         if image_latents is not None and image_latents.shape[2] != 1:
             raise ValueError(f"`image_latents` must hold one latent frame, got {image_latents.shape[2]}.")
+        check_finite(image_latents=image_latents, video_latents=video_latents)
         frames = self._load_frames(image, video)
+        if frames is not None:  # layout, channels and range, before any encoding
+            integer_pixels_to_unit_range(frames, "image" if image is not None else "video")
         if frames is not None and self.vae is None and channels != 3:
             raise ValueError("Encoding `image`/`video` needs a VAE; pass `image_latents`/`video_latents` instead.")
         denoise = self._start_call(guidance_scale, attention_kwargs, denoise)
@@ -130,7 +134,7 @@ class StarFlowVImageToVideoPipeline(StarFlowVPipeline):
         )
         batch = prompt_embeds.shape[0]
         if context is None:
-            context = self.encode_video(frames, height, width, generator)
+            context = self.encode_video(frames, height, width, generator, "image" if image is not None else "video")
             noise = randn_tensor(context.shape, generator=generator, device=device, dtype=torch.float32)
             context = context + self.noise_std * noise
         context = context.to(device, torch.float32)

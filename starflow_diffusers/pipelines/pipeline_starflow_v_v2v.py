@@ -19,6 +19,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .pipeline_starflow_v import StarFlowVPipeline, StarFlowVPipelineOutput
+from .starflow_sampling import check_finite
 
 
 logger = logging.get_logger(__name__)
@@ -87,6 +88,7 @@ class StarFlowVVideoToVideoPipeline(StarFlowVPipeline):
         channels = self.transformer.config.in_channels
         if video_latents is not None and (video_latents.ndim != 5 or video_latents.shape[1] != channels):
             raise ValueError(f"`video_latents` must be (batch, {channels}, frames, height, width), got {tuple(video_latents.shape)}.")
+        check_finite(video_latents=video_latents)
         denoise = self._start_call(guidance_scale, attention_kwargs, denoise)
         device = self._execution_device
 

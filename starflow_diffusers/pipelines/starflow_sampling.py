@@ -31,17 +31,53 @@ DENOISE_MODES = ("auto", "learned", "score", "none")
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 
 
-def integer_pixels_to_unit_range(images):
-    """Integer (e.g. uint8 from opencv or imageio) np arrays and tensors, alone or in a list, as float32 in
-    [0, 1]. diffusers' image and video processors read every np array as [0, 1] floats, so 0-255 values
-    would saturate; PIL images and float inputs are returned unchanged."""
+def integer_pixels_to_unit_range(images, name: str = "image"):
+    """Pixel inputs as diffusers' image and video processors read them, checked: integer (e.g. uint8 from
+    opencv or imageio) np arrays and tensors become float32 in [0, 1] (the processors read every np array as
+    [0, 1] floats, so 0-255 values would saturate); PIL images pass unchanged. A wrong layout, a channel
+    count other than 3, NaN or infinity, or float values outside the accepted range raise a ValueError
+    naming `name` and what is accepted (diffusers' layouts): np arrays channels-last, (H, W, 3),
+    (N, H, W, 3) or (B, T, H, W, 3), floats in [0, 1]; tensors channels-first, (3, H, W), (N, 3, H, W) or
+    (B, T, 3, H, W), floats in [0, 1] or [-1, 1]."""
     if isinstance(images, (list, tuple)):
-        return [integer_pixels_to_unit_range(image) for image in images]
-    if isinstance(images, np.ndarray) and np.issubdtype(images.dtype, np.integer):
-        return images.astype(np.float32) / np.float32(np.iinfo(images.dtype).max)
-    if isinstance(images, torch.Tensor) and not images.is_floating_point() and images.dtype != torch.bool:
-        return images.float() / torch.iinfo(images.dtype).max
+        return [integer_pixels_to_unit_range(image, name) for image in images]
+    if isinstance(images, np.ndarray):
+        if images.ndim not in (3, 4, 5) or images.shape[-1] != 3:
+            raise ValueError(
+                f"`{name}` np arrays must be channels-last RGB, (H, W, 3), (N, H, W, 3) or (B, T, H, W, 3); got "
+                f"shape {images.shape}."
+            )
+        if np.issubdtype(images.dtype, np.integer):
+            return images.astype(np.float32) / np.float32(np.iinfo(images.dtype).max)
+        low, high = (float(images.min()), float(images.max())) if images.size else (0.0, 0.0)
+        if not (np.isfinite(low) and np.isfinite(high) and 0.0 <= low and high <= 1.0):
+            raise ValueError(
+                f"`{name}` float np arrays must hold finite values in [0, 1], got [{low}, {high}] (pass uint8 "
+                f"arrays for 0-255 values)."
+            )
+        return images
+    if isinstance(images, torch.Tensor):
+        if images.ndim not in (3, 4, 5) or images.shape[-3] != 3:
+            raise ValueError(
+                f"`{name}` tensors must be channels-first RGB, (3, H, W), (N, 3, H, W) or (B, T, 3, H, W); got "
+                f"shape {tuple(images.shape)}."
+            )
+        if not images.is_floating_point():
+            return images.float() / torch.iinfo(images.dtype).max
+        low, high = (images.min().item(), images.max().item()) if images.numel() else (0.0, 0.0)
+        if not (math.isfinite(low) and math.isfinite(high) and -1.0 <= low and high <= 1.0):
+            raise ValueError(
+                f"`{name}` float tensors must hold finite values in [0, 1] or [-1, 1], got [{low}, {high}]."
+            )
     return images
+
+
+def check_finite(**tensors: Optional[torch.Tensor]) -> None:
+    """Raise a ValueError naming the first argument holding NaN or infinity (before any network runs: a
+    non-finite input would only come out as a NaN video minutes later)."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"`{name}` holds NaN or infinite values.")
 
 
 def parse_aspect_ratio(aspect_ratio: str) -> float:
@@ -66,6 +102,19 @@ def frame_size_for_aspect_ratio(aspect_ratio: str, base_size: int, multiple: int
     height = int(round(math.sqrt(base_size**2 / r) / multiple)) * multiple
     width = int(round(math.sqrt(base_size**2 * r) / multiple)) * multiple
     return max(height, multiple), max(width, multiple)
+
+
+class FlowSolveDivergedError(FloatingPointError):
+    """A flow block's solve produced non-finite values (raised at the chunk where they first appear)."""
+
+    def __init__(self, block_index: int, num_blocks: int, chunk, iteration: int):
+        kind = "deep block" if block_index == num_blocks - 1 else f"shallow block {block_index}"
+        super().__init__(
+            f"The noise -> data solve of the {kind} produced non-finite values at tokens [{chunk.start}, "
+            f"{chunk.end}) (iteration {iteration}). Try a lower `guidance_scale`, the exact "
+            f"`JacobiFlowScheduler(mode='sequential')`, or running the transformer in float32."
+        )
+        self.block_index, self.chunk, self.iteration = block_index, chunk, iteration
 
 
 class StarFlowSamplingMixin:
@@ -215,8 +264,11 @@ class StarFlowSamplingMixin:
         if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
             raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt).__name__}.")
         self._check_text_embeds(prompt_embeds, negative_prompt_embeds, max_sequence_length)
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 1:
-            raise ValueError(f"`guidance_scale` must be >= 1 (1 disables guidance), got {guidance_scale!r}.")
+        if (
+            not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool)
+            or not math.isfinite(guidance_scale) or guidance_scale < 1
+        ):
+            raise ValueError(f"`guidance_scale` must be a finite number >= 1 (1 disables guidance), got {guidance_scale!r}.")
         name, value = num_per_prompt
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -232,6 +284,7 @@ class StarFlowSamplingMixin:
         channels = self.transformer.config.in_channels
         if latents is not None and (latents.ndim != 2 + len(latent_axes) or latents.shape[1] != channels):
             raise ValueError(f"`latents` must be (batch, {channels}, {', '.join(latent_axes)}), got {tuple(latents.shape)}.")
+        check_finite(latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
         unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` entries {unknown} are not in {self._callback_tensor_inputs}.")
@@ -297,6 +350,11 @@ class StarFlowSamplingMixin:
             denoise = "learned" if self.transformer.has_denoiser else "score"
         if denoise == "learned" and not self.transformer.has_denoiser:
             raise ValueError("`denoise='learned'` needs a model with a learned denoiser; use 'score' or 'none'.")
+        scale = (attention_kwargs or {}).get("scale")
+        if scale is not None and (
+            not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale)
+        ):
+            raise ValueError(f"`attention_kwargs['scale']` (the LoRA scale) must be a finite number, got {scale!r}.")
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
         self._interrupt = False
@@ -377,6 +435,8 @@ class StarFlowSamplingMixin:
                 block_index, _guidance_batch(inputs, cfg_batch).to(dtype), cache, rotary, prepend_sos=prepend_sos
             )
             output = scheduler.step(params, chunk, state, noise, iteration, guidance_weight)
+            if output.diverged:
+                raise FlowSolveDivergedError(block_index, len(self.transformer.blocks), chunk, iteration)
             if output.converged:
                 return
             if replay:

@@ -59,11 +59,13 @@ class JacobiFlowSchedulerOutput(BaseOutput):
         converged (`bool`): stop iterating this chunk (residual below threshold, or last iteration).
         residual (`torch.Tensor`): mean squared change relative to the mean squared new value: a scalar
             over the batch, or (B,) per sequence with `convergence="sample"`.
+        diverged (`bool`): the update holds a non-finite value (the solve cannot recover from it).
     """
 
     prev_sample: torch.Tensor
     converged: bool
     residual: torch.Tensor
+    diverged: bool = False
 
 
 def flow_guidance(
@@ -265,7 +267,9 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         dims = (1, 2) if self.config.convergence == "sample" else None
         residual = (new - old).square().mean(dims) / new.square().mean(dims)
         sample[:, chunk.start : chunk.end] = new
-        converged = iteration >= self.iterations_per_chunk - 1 or bool((residual < self.config.threshold).all())
+        # one host sync for both answers
+        finite, below = torch.stack([torch.isfinite(new).all(), (residual < self.config.threshold).all()]).tolist()
+        converged = iteration >= self.iterations_per_chunk - 1 or below
         if not return_dict:
             return sample, converged, residual
-        return JacobiFlowSchedulerOutput(prev_sample=sample, converged=converged, residual=residual)
+        return JacobiFlowSchedulerOutput(prev_sample=sample, converged=converged, residual=residual, diverged=not finite)

@@ -14,6 +14,7 @@ enlarged `--upscale` times (nearest neighbour) so that small frames are watchabl
 """
 
 import argparse
+import math
 import os
 import sys
 from typing import List, Optional, Sequence
@@ -29,6 +30,7 @@ DELEGATED = {
 DENOISE_CHOICES = ("auto", "learned", "score", "none")
 # the bundled model's best prompt adherence on benchmarks/shapes_quality.py
 DEFAULT_GUIDANCE_SCALE = 3.0
+MAX_UPSCALE = 32
 
 
 def _positive_int(value: str) -> int:
@@ -46,8 +48,16 @@ def _guidance(value: str) -> float:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value!r}")
-    if not number >= 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1 (1 disables guidance), got {value!r}")
+    if not (number >= 1 and math.isfinite(number)):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 1 (1 disables guidance), got {value!r}")
+    return number
+
+
+def _upscale(value: str) -> int:
+    number = _positive_int(value)
+    if number > MAX_UPSCALE:
+        # every frame is held enlarged in memory before encoding: 32x of a 480p clip is already ~200 GB
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, {MAX_UPSCALE}], got {value!r}")
     return number
 
 
@@ -77,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--guidance-scale", type=_guidance, default=DEFAULT_GUIDANCE_SCALE, help="1 disables guidance")
     sampling.add_argument("--denoise", choices=DENOISE_CHOICES, default="auto")
     sampling.add_argument("--fps", type=_positive_int, default=16, help="frame rate of the mp4 (and of the prompt template)")
-    sampling.add_argument("--upscale", type=_positive_int, default=8, help="enlarge each pixel this many times in the mp4")
+    sampling.add_argument(
+        "--upscale", type=_upscale, default=8, help=f"enlarge each pixel this many times in the mp4 (at most {MAX_UPSCALE})"
+    )
 
     frames = argparse.ArgumentParser(add_help=False)
     frames.add_argument("--num-frames", type=_positive_int, default=None, help="default: the model's trained length")
@@ -114,15 +126,34 @@ def _check_file(parser: argparse.ArgumentParser, name: str, path: str) -> None:
 def _check_output(parser: argparse.ArgumentParser, path: str) -> None:
     if not path.lower().endswith(".mp4"):
         parser.error(f"--output {path!r} must end in .mp4")
+    if os.path.isdir(path):
+        parser.error(f"--output {path!r} is a folder; name the mp4 file to write")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         parser.error(f"--output {path!r}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        parser.error(f"--output {path!r}: the folder {folder!r} is not writable")
+
+
+def _check_device(parser: argparse.ArgumentParser, device: Optional[str]) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        parser.error(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(kind, False):
+        parser.error(f"--device {device!r} is not available on this machine")
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every check that needs no model, so that bad input fails at once with the argument's name."""
     if not os.path.isfile(os.path.join(args.model, "model_index.json")):
         parser.error(f"--model {args.model!r} is not a pipeline folder (no model_index.json)")
+    _check_device(parser, args.device)
     if getattr(args, "output", None) is not None:
         _check_output(parser, args.output)
     if getattr(args, "image", None) is not None:
@@ -229,6 +260,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # the pipelines' argument errors name the argument
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        # a solve that diverged (FlowSolveDivergedError): nothing was written
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

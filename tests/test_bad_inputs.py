@@ -212,6 +212,33 @@ def test_integer_pixels_and_unit_floats_are_accepted(i2v):
     torch.testing.assert_close(first_frame(torch.from_numpy(pixels).permute(2, 0, 1)), reference)
 
 
+# ---- sizes in the likelihood paths ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("height", [0, -4, 2.5, "8", True])
+def test_likelihood_sizes_are_checked_like_call(t2v, t2i, no_network, height):
+    with pytest.raises(ValueError, match="`height` must be a positive integer"):
+        t2v.log_likelihood(np.zeros((3, 2, 2, 3), np.float32), PROMPT, height=height, width=2)
+    with pytest.raises(ValueError, match="`height` must be a positive integer"):
+        t2i.log_likelihood(image=np.zeros((8, 8, 3), np.float32), prompt=PROMPT, height=height, width=8)
+
+
+def test_likelihood_rounds_sizes_off_the_grid_like_call(t2v):
+    """A size that is not a multiple of the latent grid is rounded down with a warning (as `__call__`
+    does), not an internal shape error. The tiny pipeline's grid is 1 pixel, so a VAE pipeline is used."""
+    pipe = tiny_pipeline(with_vae=True)
+    video = np.zeros((5, 40, 40, 3), np.float32)
+    generator = torch.Generator().manual_seed(0)
+    rounded = pipe.log_likelihood(video, PROMPT, height=33, width=40, generator=generator)
+    exact = pipe.log_likelihood(video, PROMPT, height=32, width=40, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(rounded, exact)
+
+
+def test_image_likelihood_of_an_empty_list(t2i, no_network):
+    with pytest.raises(ValueError, match="`image` is an empty list"):
+        t2i.log_likelihood(image=[], prompt=PROMPT)
+
+
 # ---- a diverging solve -----------------------------------------------------------------------------------------
 
 

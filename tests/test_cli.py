@@ -66,7 +66,12 @@ def test_unknown_words_are_reported(tmp_path, capsys):
         (["generate", "a red circle", "-o", "/no/such/folder/out.mp4"], "does not exist"),
         (["generate", "a red circle", "-o", "out.mp4", "--model", "/no/such/model"], "--model '/no/such/model' is not a pipeline folder"),
         (["generate", "a red circle", "-o", "out.mp4", "--num-frames", "0"], "--num-frames: expected a positive integer"),
-        (["generate", "a red circle", "-o", "out.mp4", "--guidance-scale", "0.5"], "--guidance-scale: expected a number >= 1"),
+        (["generate", "a red circle", "-o", "out.mp4", "--guidance-scale", "0.5"], "--guidance-scale: expected a finite number >= 1"),
+        (["generate", "a red circle", "-o", "out.mp4", "--guidance-scale", "inf"], "--guidance-scale: expected a finite number >= 1"),
+        (["generate", "a red circle", "-o", "out.mp4", "--guidance-scale", "nan"], "--guidance-scale: expected a finite number >= 1"),
+        (["generate", "a red circle", "-o", "out.mp4", "--upscale", "1000"], "--upscale: expected an integer in [1, 32]"),
+        (["generate", "a red circle", "-o", "/tmp/x.mp4", "--device", "cuda:7"], "--device 'cuda:7' is not available"),
+        (["generate", "a red circle", "-o", "/tmp/x.mp4", "--device", "gpu"], "--device 'gpu' is not a torch device"),
         (["generate", "  ", "-o", "out.mp4"], "the prompt is empty"),
         (["generate", "a red circle"], "required: -o/--output"),
         (["image-to-video", "missing.png", "a red circle", "-o", "out.mp4"], "image 'missing.png' is not a file"),
@@ -80,6 +85,16 @@ def test_bad_input_fails_with_an_error_naming_the_argument(argv, message, capsys
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_output_that_is_a_folder_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "out.mp4"
+    folder.mkdir()
+    monkeypatch.setattr("starflow_diffusers.cli.run", lambda args: pytest.fail("sampled before checking --output"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "a red circle", "-o", str(folder)])
+    assert exit_info.value.code == 2
+    assert f"--output {str(folder)!r} is a folder" in capsys.readouterr().err
 
 
 def test_pipeline_errors_are_reported_without_a_traceback(tmp_path, capsys):

@@ -23,6 +23,7 @@ from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
 from .starflow_sampling import (
     StarFlowSamplingMixin,
     check_finite,
+    check_sizes,
     closest_trained_aspect_ratio,
     integer_pixels_to_unit_range,
     parse_aspect_ratio,
@@ -411,8 +412,13 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
         if latents is not None and (latents.ndim != 4 or latents.shape[1] != channels):
             raise ValueError(f"`latents` must be (batch, {channels}, height, width), got {tuple(latents.shape)}.")
         check_finite(latents=latents, prompt_embeds=prompt_embeds)
+        check_sizes(height=height, width=width)
+        if isinstance(image, (list, tuple)) and len(image) == 0:
+            raise ValueError("`image` is an empty list; pass at least one image.")
         device = self._execution_device
         if latents is None:
+            if height is not None and width is not None:
+                height, width, _ = self._resolve_frame_size(height, width, aspect_ratio)
             latents = self.encode_image(image, height, width, generator, sample_posterior)
             latents = latents + self.noise_std * randn_tensor(
                 latents.shape, generator=generator, device=latents.device, dtype=latents.dtype

@@ -31,6 +31,7 @@ from .starflow_sampling import (
     closest_trained_aspect_ratio,
     frame_size_for_aspect_ratio,
     check_finite,
+    check_sizes,
     integer_pixels_to_unit_range,
     parse_aspect_ratio,
 )
@@ -507,13 +508,12 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
                 f"`latents` must be (batch, {self.transformer.config.in_channels}, frames, height, width), got {tuple(latents.shape)}."
             )
         check_finite(latents=latents, prompt_embeds=prompt_embeds)
+        check_sizes(height=height, width=width)
         device = self._execution_device
         if video is not None:
             frames = self.load_video_frames(video)
-            if height is None or width is None:
-                ratio = aspect_ratio or self.config.default_aspect_ratio
-                default_h, default_w = frame_size_for_aspect_ratio(ratio, self.default_base_frame_size, self.spatial_multiple)
-                height, width = height or default_h, width or default_w
+            # the sizes `__call__` would use: defaults from the aspect ratio, rounded to the latent grid
+            height, width, _ = self._resolve_frame_size(height, width, aspect_ratio)
             latents = self.encode_video(frames, height, width, generator)
         latents = latents.to(device, torch.float32)
         if noise_augment if noise_augment is not None else video is not None:

@@ -80,6 +80,13 @@ def check_finite(**tensors: Optional[torch.Tensor]) -> None:
             raise ValueError(f"`{name}` holds NaN or infinite values.")
 
 
+def check_sizes(**sizes: Optional[int]) -> None:
+    """Raise a ValueError naming the first size that is given but not a positive integer."""
+    for name, value in sizes.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
 def parse_aspect_ratio(aspect_ratio: str) -> float:
     """"16:9" -> 16/9 (width over height)."""
     try:
@@ -272,9 +279,7 @@ class StarFlowSamplingMixin:
         name, value = num_per_prompt
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        for name, value in sizes.items():
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        check_sizes(**sizes)
         if denoise not in DENOISE_MODES:
             raise ValueError(f"`denoise` must be one of {DENOISE_MODES}, got {denoise!r}.")
         if output_type not in OUTPUT_TYPES:

@@ -100,6 +100,13 @@ def test_the_denoiser_trains_and_weights_are_saved_in_the_requested_dtype(tmp_pa
         ({"data": {"width": 24}}, "square frames"),
         ({"data": {"synthetic": {"max_objects": 3}}}, "`data.synthetic.max_objects` must be 1 or 2"),
         ({"model": {"denoiser_num_layers": 0}}, "`training.train_denoiser` needs a learned denoiser"),
+        ({"model": {"deep_width": "wide"}}, "`model.deep_width` must be an integer, got 'wide'"),
+        ({"model": {"num_layers_per_block": "2,2"}}, "`model.num_layers_per_block` must be a list of integers"),
+        ({"model": {"noise_std": "high"}}, "`model.noise_std` must be a finite number"),
+        ({"model": {"is_video": "yes"}}, "`model.is_video` must be true or false"),
+        ({"model": {"deep_width": 100}}, "`deep_width` (100) must be divisible by `attention_head_dim`"),
+        ({"scheduler": {"block_size": "big"}}, "`scheduler.block_size` must be an integer"),
+        ({"scheduler": {"mode": "fast"}}, "`mode` must be 'jacobi' or 'sequential'"),
     ],
 )
 def test_bad_configs_fail_before_training_and_name_the_key(tmp_path, capsys, sections, message):
@@ -126,6 +133,17 @@ def test_bad_command_lines_fail_with_clear_errors(tmp_path, capsys):
         load_config(str(tmp_path / "list.yaml"))
     with pytest.raises(ValueError, match="Unknown config section"):
         resolve_config({**TINY_CONFIG, "optimizer": {}})
+
+
+def test_a_config_without_a_model_section_is_refused_before_building_anything(monkeypatch):
+    """Every model argument defaults to the released 7B: without `model:` the trainer used to build it and
+    be killed for lack of memory minutes later."""
+    from starflow_diffusers import StarFlowVTransformer
+
+    monkeypatch.setattr(StarFlowVTransformer, "__init__", lambda *a, **k: pytest.fail("a model was built"))
+    config = {k: v for k, v in json.loads(json.dumps(TINY_CONFIG)).items() if k != "model"}
+    with pytest.raises(ValueError, match="Config section `model` is required"):
+        resolve_config(config)
 
 
 def test_the_bundled_config_resolves():

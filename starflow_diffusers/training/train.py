@@ -32,6 +32,7 @@ last, so a folder with one is complete), loadable with `StarFlowVPipeline.from_p
 
 import argparse
 import inspect
+import typing
 import json
 import logging
 import math
@@ -152,10 +153,17 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
     unknown = sorted(set(config) - set(SECTIONS))
     if unknown:
         raise ValueError(f"Unknown config section(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(SECTIONS)}.")
+    if not config.get("model"):
+        # every model argument has the released 7B's default: a config without them would build that
+        raise ValueError(
+            "Config section `model` is required (at least the sizes: `num_layers_per_block`, `shallow_width`, "
+            "`deep_width`, ...); without it starflow-train would build the full 7B STARFlow-V."
+        )
     text = _section(config, "text_encoder", TEXT_ENCODER_DEFAULTS)
     data = _section(config, "data", DATA_DEFAULTS)
     training = _section(config, "training", TRAINING_DEFAULTS)
     model = _section(config, "model", None, _init_arguments(StarFlowVTransformer))
+    _check_types("model", model, StarFlowVTransformer)
     pipeline_args = [n for n in _init_arguments(StarFlowVPipeline) if n not in ("transformer", "scheduler", "tokenizer", "text_encoder", "vae")]
     pipeline = _section(config, "pipeline", None, pipeline_args)
     scheduler = _section(config, "scheduler", None, _init_arguments(JacobiFlowScheduler))
@@ -221,7 +229,41 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
         raise ValueError("`training.train_denoiser` needs a learned denoiser (`model.denoiser_num_layers` > 0).")
     if not isinstance(training["validation_prompts"], list) or not all(isinstance(p, str) for p in training["validation_prompts"]):
         raise ValueError("`training.validation_prompts` must be a list of strings.")
+    _check_types("scheduler", scheduler, JacobiFlowScheduler)
+    # the constructors' own checks (divisibility, head size, solver settings), with nothing allocated
+    import torch
+
+    with torch.device("meta"):
+        StarFlowVTransformer(**model)
+    JacobiFlowScheduler(**scheduler)
     return {"model": model, "text_encoder": text, "pipeline": pipeline, "scheduler": scheduler, "data": data, "training": training}
+
+
+def _check_types(section: str, values: Dict[str, Any], cls) -> None:
+    """Each value has the type of the constructor argument's default (ints for sizes, lists of ints for
+    per-block layer counts, numbers, booleans); a ValueError names the key otherwise."""
+    parameters = inspect.signature(cls.__init__).parameters
+    for name, value in values.items():
+        if name not in parameters:
+            continue
+        default, annotation = parameters[name].default, parameters[name].annotation
+        if default is inspect.Parameter.empty or (value is None and type(None) in typing.get_args(annotation)):
+            continue
+        key = f"`{section}.{name}`"
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} must be true or false, got {value!r}.")
+        elif isinstance(default, int) or (default is None and isinstance(value, (int, str, float))):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{key} must be an integer, got {value!r}.")
+        elif isinstance(default, float):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{key} must be a finite number, got {value!r}.")
+        elif isinstance(default, (tuple, list)):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError(f"{key} must be a list of integers, got {value!r}.")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}.")
 
 
 def _check_positive_int(name: str, value) -> None:

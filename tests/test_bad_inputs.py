@@ -263,3 +263,25 @@ def test_a_diverging_solve_raises_at_the_first_bad_chunk(monkeypatch, mode):
         pipe(PROMPT, num_frames=3, **SIZE, guidance_scale=3.0, output_type="latent")
     assert len(calls) == 3  # stopped right there, not after the remaining iterations and chunks
     assert isinstance(info.value, FloatingPointError) and "mode='sequential'" in str(info.value)
+
+
+# ---- video files -----------------------------------------------------------------------------------------------
+
+
+def test_an_image_file_is_not_taken_as_a_video(t2v, v2v, tmp_path, no_network):
+    import PIL.Image
+
+    path = tmp_path / "frame.png"
+    PIL.Image.new("RGB", (2, 2)).save(path)
+    with pytest.raises(ValueError, match="`video` .*frame.png' is an image file"):
+        t2v.log_likelihood(str(path), PROMPT)
+    with pytest.raises(ValueError, match="is an image file"):
+        v2v(video=str(path), prompt=PROMPT)
+
+
+def test_an_unreadable_video_gives_a_one_line_error(t2v, tmp_path, no_network):
+    path = tmp_path / "broken.mp4"
+    path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    with pytest.raises(ValueError, match="`video` .*broken.mp4' could not be read as a video") as info:
+        t2v.log_likelihood(str(path), PROMPT)
+    assert "\n" not in str(info.value)

@@ -69,6 +69,10 @@ class StarFlowVInversionOutput(BaseOutput):
     latents: torch.Tensor
 
 
+# Files `load_video_frames` refuses as videos (diffusers' `load_video` would read them as one frame).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
 @dataclass
 class StarFlowVPipelineOutput(BaseOutput):
     """
@@ -438,10 +442,17 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
         if isinstance(video, (str, os.PathLike)):
             if not os.path.exists(video):
                 raise ValueError(f"`video` file not found: {video}")
+            if os.path.splitext(str(video))[1].lower() in IMAGE_EXTENSIONS:
+                raise ValueError(
+                    f"`video` {str(video)!r} is an image file; pass a video file (an image starts a clip as `image=` "
+                    f"of StarFlowVImageToVideoPipeline)."
+                )
             try:
                 video = load_video(str(video))
             except Exception as e:
-                raise ValueError(f"`video` {video!r} could not be read as a video: {e}") from e
+                # the first line only: decoders append pages of their own log
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ValueError(f"`video` {str(video)!r} could not be read as a video: {reason}") from e
         if video is None or len(video) == 0:
             raise ValueError("`video` has no frames.")
         return video

@@ -218,6 +218,10 @@ def _error_of(argv, capsys):
 def test_bad_inputs_fail_early_with_clear_errors(tiny_model_dir, shapes_dir, tmp_path, capsys):
     train_dir = os.path.join(shapes_dir, "train")
     assert "--rank must be > 0" in _error_of(_train_args(tiny_model_dir, train_dir, tmp_path, "--rank", "0"), capsys)
+    for flag, value in (("--learning_rate", "nan"), ("--lora_alpha", "inf"), ("--max_grad_norm", "nan")):
+        assert f"{flag} must be a finite number" in _error_of(_train_args(tiny_model_dir, train_dir, tmp_path, flag, value), capsys)
+    err = _error_of(_train_args(tiny_model_dir, train_dir, tmp_path, "--validation_guidance_scale", "0.5"), capsys)
+    assert "--validation_guidance_scale must be >= 1" in err
     missing = str(tmp_path / "no-such-model")
     assert "is not a directory" in _error_of(_train_args(missing, train_dir, tmp_path), capsys)
     (tmp_path / "empty").mkdir()

@@ -17,6 +17,7 @@ stopped. Every random draw of a step (noise, VAE sample, caption and frame drops
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -126,6 +127,13 @@ def _read_json(path: str) -> dict:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every check that needs no model weights, so that a bad run fails in seconds."""
+    for name in ("learning_rate", "lora_alpha", "max_grad_norm", "adam_weight_decay", "caption_dropout",
+                 "drop_first_frame", "validation_guidance_scale"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{name} must be a finite number, got {value}.")
+    if args.validation_guidance_scale < 1:
+        raise ValueError(f"--validation_guidance_scale must be >= 1 (1 disables guidance), got {args.validation_guidance_scale}.")
     positive = ("rank", "max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                 "validation_steps", "fps")
     for name in positive:

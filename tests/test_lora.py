@@ -45,7 +45,8 @@ def _forward(transformer):
 
 def _save(transformer, name, directory):
     StarFlowVPipeline.save_lora_weights(
-        directory, get_peft_model_state_dict(transformer, adapter_name=name), transformer.peft_config[name].to_dict()
+        directory, get_peft_model_state_dict(transformer, adapter_name=name),
+        transformer_lora_adapter_metadata=transformer.peft_config[name].to_dict(),
     )
     return os.path.join(directory, "pytorch_lora_weights.safetensors")
 
@@ -80,16 +81,51 @@ def test_save_and_load_keeps_alpha_and_the_output(tmp_path):
     assert set(state) == set(keys) and metadata["transformer.r"] == 4
 
 
-def test_save_lora_weights_refuses_to_drop_the_metadata(tmp_path):
+@pytest.mark.parametrize("safe_serialization", [True, False])
+def test_lora_files_like_diffusers_without_metadata(tmp_path, safe_serialization):
+    """`save_lora_weights` with diffusers' signature: metadata optional, `safe_serialization=False` writes
+    `pytorch_lora_weights.bin`. Without metadata the rank is inferred from the weights and alpha = rank."""
+    source = _pipe()
+    _add_random_lora(source.transformer, "a", rank=4, alpha=4)
+    layers = get_peft_model_state_dict(source.transformer, adapter_name="a")
+    StarFlowVPipeline.save_lora_weights(tmp_path, layers, safe_serialization=safe_serialization)
+    name = "pytorch_lora_weights.safetensors" if safe_serialization else "pytorch_lora_weights.bin"
+    assert os.listdir(tmp_path) == [name]
+    target = _pipe()
+    target.load_lora_weights(tmp_path, adapter_name="a")
+    assert target.transformer.peft_config["a"].r == 4 and target.transformer.peft_config["a"].lora_alpha == 4
+    assert (_forward(target.transformer) - _forward(source.transformer)).abs().max() <= 1e-6
+    state = StarFlowVPipeline.lora_state_dict(tmp_path, use_safetensors=safe_serialization)
+    assert set(state) == {f"transformer.{k}" for k in layers}
+
+
+class _Payload:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_bin_lora_is_read_weights_only(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"transformer.blocks.2.layers.0.attn.to_q.lora_A.weight": _Payload(str(marker))},
+               tmp_path / "pytorch_lora_weights.bin")
+    with pytest.raises(Exception):
+        _pipe().load_lora_weights(tmp_path)
+    assert not marker.exists()  # nothing but tensors was unpickled
+
+
+def test_bad_lora_files_and_names_are_refused(tmp_path):
     transformer = _pipe().transformer
     _add_random_lora(transformer, "a")
     layers = get_peft_model_state_dict(transformer, adapter_name="a")
-    with pytest.raises(ValueError, match="transformer_lora_adapter_metadata"):
-        StarFlowVPipeline.save_lora_weights(tmp_path, layers)
-    with pytest.raises(ValueError, match="safe_serialization"):
-        StarFlowVPipeline.save_lora_weights(tmp_path, layers, transformer.peft_config["a"].to_dict(), safe_serialization=False)
-    with pytest.raises(ValueError, match="use_safetensors"):
-        StarFlowVPipeline.lora_state_dict(tmp_path, use_safetensors=False)
+    with pytest.raises(ValueError, match="must end with .bin"):
+        StarFlowVPipeline.save_lora_weights(tmp_path, layers, weight_name="x.safetensors", safe_serialization=False)
+    with pytest.raises(ValueError, match="is empty"):
+        StarFlowVPipeline.save_lora_weights(tmp_path, {})
     with pytest.raises(ValueError, match="lora"):
         _pipe().load_lora_weights({"transformer.blocks.2.proj_in.weight": torch.zeros(2, 2)})
 

@@ -2,8 +2,9 @@
 """LoRA loading and saving for the STARFlow pipelines, in the diffusers LoRA format.
 
 A STARFlow LoRA only adapts the `transformer` (the flow, and optionally its learned denoiser). Files are
-`pytorch_lora_weights.safetensors` with PEFT keys prefixed `transformer.` and the adapter's `LoraConfig` in
-the safetensors header, so that a LoRA trained with `lora_alpha != rank` reloads at the right scale.
+`pytorch_lora_weights.safetensors` (or `.bin` with `safe_serialization=False`, read back with weights-only
+unpickling) with PEFT keys prefixed `transformer.` and, when given, the adapter's `LoraConfig` in the
+safetensors header, so that a LoRA trained with `lora_alpha != rank` reloads at the right scale.
 Activation, weighting, fusing and removal of adapters (`set_adapters`, `fuse_lora`, `disable_lora`, ...)
 come from diffusers' `LoraBaseMixin`.
 """
@@ -11,13 +12,14 @@ come from diffusers' `LoraBaseMixin`.
 import json
 import os
 import tempfile
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import safetensors.torch
 import torch
 
 from diffusers.loaders.lora_base import (
     LORA_ADAPTER_METADATA_KEY,
+    LORA_WEIGHT_NAME,
     LORA_WEIGHT_NAME_SAFE,
     LoraBaseMixin,
     _fetch_state_dict,
@@ -56,20 +58,22 @@ class StarFlowVLoraLoaderMixin(LoraBaseMixin):
             subfolder, cache_dir, force_download, proxies, local_files_only, token, revision: as for
                 `from_pretrained`.
             return_lora_metadata (`bool`): also return the adapter metadata (`None` when absent).
+            use_safetensors (`bool`, *optional*): as in diffusers: None reads `.safetensors` when there is one
+                and falls back to `pytorch_lora_weights.bin`; False reads the `.bin`.
 
-        Only safetensors files are read: a pickled `.bin` LoRA is refused rather than unpickled.
+        A `.bin` file is read with weights-only unpickling (diffusers' `load_state_dict`): a pickle that needs
+        anything but tensors is refused.
         """
         return_lora_metadata = kwargs.pop("return_lora_metadata", False)
-        if kwargs.pop("use_safetensors", True) is False:
-            raise ValueError("`use_safetensors=False` is not supported: STARFlow LoRAs are read from safetensors only.")
+        use_safetensors = kwargs.pop("use_safetensors", None)
         weight_name = kwargs.pop("weight_name", None)
-        if weight_name is not None and not weight_name.endswith(".safetensors"):
-            raise ValueError(f"`weight_name` must be a .safetensors file, got {weight_name!r}.")
+        if weight_name is not None and not weight_name.endswith((".safetensors", ".bin")):
+            raise ValueError(f"`weight_name` must be a .safetensors or .bin file, got {weight_name!r}.")
 
         state_dict, metadata = _fetch_state_dict(
             pretrained_model_name_or_path_or_dict=pretrained_model_name_or_path_or_dict,
             weight_name=weight_name,
-            use_safetensors=True,
+            use_safetensors=use_safetensors is not False,
             local_files_only=kwargs.pop("local_files_only", None),
             cache_dir=kwargs.pop("cache_dir", None),
             force_download=kwargs.pop("force_download", False),
@@ -78,7 +82,7 @@ class StarFlowVLoraLoaderMixin(LoraBaseMixin):
             revision=kwargs.pop("revision", None),
             subfolder=kwargs.pop("subfolder", None),
             user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
-            allow_pickle=False,
+            allow_pickle=use_safetensors is not True,
         )
         if any("dora_scale" in key for key in state_dict):
             logger.warning("DoRA checkpoints are not supported; the `dora_scale` entries are ignored.")
@@ -152,48 +156,60 @@ class StarFlowVLoraLoaderMixin(LoraBaseMixin):
     def save_lora_weights(
         cls,
         save_directory: Union[str, os.PathLike],
-        transformer_lora_layers: Dict[str, Union[torch.nn.Module, torch.Tensor]],
-        transformer_lora_adapter_metadata: Optional[dict] = None,
+        transformer_lora_layers: Dict[str, Union[torch.nn.Module, torch.Tensor]] = None,
         is_main_process: bool = True,
         weight_name: Optional[str] = None,
+        save_function: Optional[Callable] = None,
         safe_serialization: bool = True,
+        transformer_lora_adapter_metadata: Optional[dict] = None,
     ):
         r"""
-        Write `pytorch_lora_weights.safetensors` (or `weight_name`) into `save_directory`, atomically.
+        Write the LoRA into `save_directory` as diffusers does, atomically (a temporary file, then a rename):
+        `pytorch_lora_weights.safetensors`, or `pytorch_lora_weights.bin` with `safe_serialization=False`.
 
         Args:
             transformer_lora_layers (`dict` or `torch.nn.Module`): the adapter's weights, e.g.
                 `peft.get_peft_model_state_dict(transformer, adapter_name=...)`.
-            transformer_lora_adapter_metadata (`dict`): the adapter's config,
-                `transformer.peft_config[adapter_name].to_dict()`. Required: without it a reload would assume
-                `lora_alpha == rank` and silently apply the LoRA at the wrong scale.
             is_main_process (`bool`): only the main process writes (distributed training).
-            safe_serialization (`bool`): must be True; kept for diffusers API compatibility.
+            weight_name (`str`, *optional*): the file name.
+            save_function (`Callable`, *optional*): `save_function(state_dict, path)` replaces the writer.
+            safe_serialization (`bool`): safetensors (default) or a pickled `.bin`.
+            transformer_lora_adapter_metadata (`dict`, *optional*): the adapter's config,
+                `transformer.peft_config[adapter_name].to_dict()`, stored in the safetensors header. Without
+                it a reload infers the rank from the weights and takes `lora_alpha` = rank (diffusers'
+                rule), which is a different scale for a LoRA trained with another alpha (a warning says so).
         """
-        if not safe_serialization:
-            raise ValueError("`safe_serialization=False` is not supported: STARFlow LoRAs are written as safetensors.")
         if not transformer_lora_layers:
             raise ValueError("`transformer_lora_layers` is empty: there is no LoRA to save.")
-        if not transformer_lora_adapter_metadata:
-            raise ValueError(
-                "`transformer_lora_adapter_metadata` is required (e.g. `transformer.peft_config['default'].to_dict()`), "
-                "so that the LoRA reloads with its own `lora_alpha` and target modules."
-            )
         if not is_main_process:
             return
-        weight_name = weight_name or LORA_WEIGHT_NAME_SAFE
-        if not weight_name.endswith(".safetensors"):
-            raise ValueError(f"`weight_name` must end with .safetensors, got {weight_name!r}.")
+        weight_name = weight_name or (LORA_WEIGHT_NAME_SAFE if safe_serialization else LORA_WEIGHT_NAME)
+        suffix = ".safetensors" if safe_serialization else ".bin"
+        if not weight_name.endswith(suffix):
+            raise ValueError(f"`weight_name` must end with {suffix} (safe_serialization={safe_serialization}), got {weight_name!r}.")
         if os.path.isfile(save_directory):
             raise ValueError(f"`save_directory` {save_directory} is a file, not a directory.")
+        if transformer_lora_adapter_metadata is None:
+            logger.warning(
+                "No `transformer_lora_adapter_metadata`: a reload will take lora_alpha = rank. Pass "
+                "`transformer.peft_config[adapter_name].to_dict()` to keep the adapter's own alpha."
+            )
 
         state_dict = cls.pack_weights(transformer_lora_layers, cls.transformer_name)
         state_dict = {k: v.detach().contiguous() for k, v in state_dict.items()}
-        adapter_metadata = {
-            key: sorted(value) if isinstance(value, set) else value
-            for key, value in _pack_dict_with_prefix(transformer_lora_adapter_metadata, cls.transformer_name).items()
-        }
-        header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter_metadata, indent=2, sort_keys=True)}
+        header = {"format": "pt"}
+        if transformer_lora_adapter_metadata and safe_serialization:
+            adapter_metadata = {
+                key: sorted(value) if isinstance(value, set) else value
+                for key, value in _pack_dict_with_prefix(transformer_lora_adapter_metadata, cls.transformer_name).items()
+            }
+            header[LORA_ADAPTER_METADATA_KEY] = json.dumps(adapter_metadata, indent=2, sort_keys=True)
+        if save_function is None:
+            if safe_serialization:
+                def save_function(weights, filename):
+                    safetensors.torch.save_file(weights, filename, metadata=header)
+            else:
+                save_function = torch.save
 
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, weight_name)
@@ -201,7 +217,7 @@ class StarFlowVLoraLoaderMixin(LoraBaseMixin):
         fd, tmp_path = tempfile.mkstemp(dir=save_directory, prefix=f".{weight_name}.", suffix=".tmp")
         os.close(fd)
         try:
-            safetensors.torch.save_file(state_dict, tmp_path, metadata=header)
+            save_function(state_dict, tmp_path)
             os.chmod(tmp_path, 0o644)  # mkstemp makes it private; a saved LoRA is an ordinary file
             os.replace(tmp_path, path)
         except BaseException:

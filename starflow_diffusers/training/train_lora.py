@@ -340,8 +340,8 @@ def train(args: argparse.Namespace) -> str:
 
     def save_lora(directory: str) -> str:
         StarFlowVPipeline.save_lora_weights(
-            directory, lora_state(transformer), transformer.peft_config[ADAPTER_NAME].to_dict(),
-            is_main_process=accelerator.is_main_process,
+            directory, lora_state(transformer), is_main_process=accelerator.is_main_process,
+            transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER_NAME].to_dict(),
         )
         return os.path.join(directory, "pytorch_lora_weights.safetensors")
 

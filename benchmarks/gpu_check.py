@@ -77,6 +77,13 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def print_rows(title: str, rows: dict) -> dict:
+    print(f"\n{title}")
+    for key, value in rows.items():
+        print(f"  {key:32} {value}")
+    return rows
+
+
 def small_pipeline(scale: dict, mode: str = "jacobi"):
     """The tiny pipeline's components with a wider, deeper transformer (pixel space, no VAE)."""
     from starflow_diffusers.testing_utils import tiny_transformer
@@ -122,11 +129,8 @@ def part_numerics(device, dry_run: bool) -> dict:
         rows["bits_per_dim_abs"] <= BITS_TOLERANCE
         and all(v <= LATENT_TOLERANCE for k, v in rows.items() if k.endswith("max_abs"))
     )
-    print(f"\nnumerics ({'fp32' if dry_run else 'bf16'} on {device} vs fp32 on cpu; tolerances: bits/dim "
-          f"{BITS_TOLERANCE}, latents {LATENT_TOLERANCE})")
-    for key, value in rows.items():
-        print(f"  {key:28} {value}")
-    return rows
+    return print_rows(f"numerics ({'fp32' if dry_run else 'bf16'} on {device} vs fp32 on cpu; tolerances: "
+                      f"bits/dim {BITS_TOLERANCE}, latents {LATENT_TOLERANCE})", rows)
 
 
 def part_deep_block(device, dry_run: bool) -> dict:
@@ -176,11 +180,8 @@ def part_deep_block(device, dry_run: bool) -> dict:
     rows["extrapolated_jacobi_solve_s"] = chunks * 5.5 * rows["jacobi_iteration_ms"] / 1e3
     rows["extrapolated_sequential_solve_s"] = frames * per_frame * rows["sequential_step_ms"] / 1e3
     rows["peak_bytes"] = peak_bytes(device)
-    print(f"\ndeep block at {'tiny' if dry_run else 'real'} scale on {device} (width {width}, {layers} layers, "
-          f"{per_frame} tokens per frame, {frames} frames, batch {batch})")
-    for key, value in rows.items():
-        print(f"  {key:32} {value}")
-    return rows
+    return print_rows(f"deep block at {'tiny' if dry_run else 'real'} scale on {device} (width {width}, {layers} "
+                      f"layers, {per_frame} tokens per frame, {frames} frames, batch {batch})", rows)
 
 
 def part_speed(device, dry_run: bool) -> dict:
@@ -234,10 +235,7 @@ def part_speed(device, dry_run: bool) -> dict:
         "host_syncs_per_iteration": counts["syncs"] / max(counts["evaluations"], 1),
         "attention_kernels": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:8]),
     }
-    print(f"\nspeed on {device}: {height}x{width} tokens per frame, {frames} frames")
-    for key, value in rows.items():
-        print(f"  {key:30} {value}")
-    return rows
+    return print_rows(f"speed on {device}: {height}x{width} tokens per frame, {frames} frames", rows)
 
 
 def part_memory_tools(device, dry_run: bool) -> dict:
@@ -270,10 +268,7 @@ def part_memory_tools(device, dry_run: bool) -> dict:
             rows[name] = {"max_abs": (out - reference).abs().max().item(), "peak_bytes": peak_bytes(device)}
         except Exception as e:  # a failing tool is a result to report, not the end of the check
             rows[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    print(f"\nmemory tools on {device} (tiny pipeline; fp8 differs by its weight rounding)")
-    for key, value in rows.items():
-        print(f"  {key:20} {value}")
-    return rows
+    return print_rows(f"memory tools on {device} (tiny pipeline; fp8 differs by its weight rounding)", rows)
 
 
 def part_compile(device, dry_run: bool) -> dict:

@@ -118,6 +118,36 @@ def test_a_bin_lora_is_read_weights_only(tmp_path):
     assert not marker.exists()  # nothing but tensors was unpickled
 
 
+def test_a_lora_without_transformer_keys_logs_diffusers_message_and_loads_nothing(monkeypatch):
+    import diffusers.loaders.peft as peft_loader
+
+    warnings = []
+    monkeypatch.setattr(peft_loader.logger, "warning", lambda message, *a, **k: warnings.append(message))
+    pipe = _pipe()
+    before = _forward(pipe.transformer)
+    pipe.load_lora_weights({"text_encoder.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": torch.zeros(2, 16)})
+    assert any("No LoRA keys associated to StarFlowVTransformer" in w for w in warnings)
+    assert not getattr(pipe.transformer, "peft_config", None)
+    assert torch.equal(_forward(pipe.transformer), before)
+
+
+def test_hotswap_and_low_cpu_mem_usage(tmp_path):
+    """diffusers' hotswapping: a second LoRA of the same shape replaces the first in place (no new adapter)."""
+    sources = []
+    for seed, folder in ((1, tmp_path / "a"), (2, tmp_path / "b")):
+        source = _pipe()
+        _add_random_lora(source.transformer, "x", rank=4, alpha=8, seed=seed)
+        _save(source.transformer, "x", folder)
+        sources.append(source)
+    target = _pipe()
+    target.enable_lora_hotswap(target_rank=4)
+    target.load_lora_weights(tmp_path / "a", adapter_name="x", low_cpu_mem_usage=True)
+    torch.testing.assert_close(_forward(target.transformer), _forward(sources[0].transformer), rtol=0, atol=1e-6)
+    target.load_lora_weights(tmp_path / "b", adapter_name="x", hotswap=True)
+    assert list(target.transformer.peft_config) == ["x"]
+    torch.testing.assert_close(_forward(target.transformer), _forward(sources[1].transformer), rtol=0, atol=1e-6)
+
+
 def test_bad_lora_files_and_names_are_refused(tmp_path):
     transformer = _pipe().transformer
     _add_random_lora(transformer, "a")

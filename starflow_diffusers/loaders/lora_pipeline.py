@@ -115,10 +115,6 @@ class StarFlowVLoraLoaderMixin(LoraBaseMixin):
         broken = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if broken:
             raise ValueError(f"Invalid LoRA checkpoint: {len(broken)} tensor(s) hold NaN or infinity, e.g. {broken[0]}.")
-        if not any(key.startswith(f"{self.transformer_name}.") for key in state_dict):
-            raise ValueError(
-                f"The LoRA has no `{self.transformer_name}.` keys; STARFlow LoRAs only adapt the transformer."
-            )
         self.load_lora_into_transformer(
             state_dict,
             transformer=self.transformer,

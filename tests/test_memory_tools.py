@@ -242,6 +242,23 @@ def test_torchao_int8_quantized_transformer_loads_samples_and_scores(tmp_path):
     torch.testing.assert_close(bits[0], bits[1], rtol=0, atol=1e-4)
 
 
+def test_pipeline_quantization_config_quantizes_the_transformer(tmp_path):
+    """Pipeline-level `quantization_config` with `quant_mapping` (the `quant_backend=` form fails with
+    transformers 5.24: its TorchAoConfig signature differs from diffusers')."""
+    from diffusers import TorchAoConfig
+    from diffusers.quantizers import PipelineQuantizationConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from starflow_diffusers import StarFlowVPipeline
+
+    tiny_pipeline(with_vae=False).save_pretrained(tmp_path)
+    config = PipelineQuantizationConfig(quant_mapping={"transformer": TorchAoConfig(Int8WeightOnlyConfig())})
+    pipe = StarFlowVPipeline.from_pretrained(tmp_path, quantization_config=config)
+    pipe.set_progress_bar_config(disable=True)
+    assert "Int8" in type(pipe.transformer.deep_block.layers[0].attn.to_q.weight).__name__
+    assert torch.isfinite(sample(pipe)).all()
+
+
 # ---- attention ---------------------------------------------------------------------------------------------
 
 

@@ -650,3 +650,40 @@ def test_bad_inputs_raise(shared_components, kwargs, name):
 def test_bad_default_aspect_ratio_raises(shared_components):
     with pytest.raises(ValueError, match="aspect_ratio"):
         StarFlowVPipeline(**shared_components, default_aspect_ratio="square")
+
+
+# ---- encode_prompt on its own (issue 18) ---------------------------------------------------------------------
+
+
+def test_encode_prompt_runs_on_a_text_only_pipeline():
+    """Embeddings can be cached with only the tokenizer and text encoder loaded; they come in the text
+    encoder's dtype."""
+    components = tiny_pipeline_components(with_vae=False)
+    full = StarFlowVPipeline(**components)
+    text_only = StarFlowVPipeline(
+        transformer=None, scheduler=None, tokenizer=components["tokenizer"], text_encoder=components["text_encoder"],
+        noise_level_conditioning=False, max_text_length=16, default_aspect_ratio="1:1",
+    )
+    full.register_to_config(noise_level_conditioning=False)
+    embeds, negative = text_only.encode_prompt("a red circle moving left", aspect_ratio="1:1")
+    expected, expected_negative = full.encode_prompt("a red circle moving left", aspect_ratio="1:1")
+    assert embeds.dtype == components["text_encoder"].dtype
+    # without a transformer the default ratio is the trained one closest to the configured default
+    default, _ = text_only.encode_prompt("a red circle moving left")
+    torch.testing.assert_close(default, embeds, rtol=0, atol=0)
+    torch.testing.assert_close(embeds, expected, rtol=0, atol=0)
+    torch.testing.assert_close(negative, expected_negative, rtol=0, atol=0)
+
+
+def test_cached_embeddings_reproduce_the_prompt_call():
+    """`encode_prompt`'s defaults give exactly the conditioning of `__call__` at the default size (its aspect
+    ratio line included), so a video from cached embeddings equals the one from the prompt."""
+    pipe = tiny_pipeline(with_vae=False)
+    pipe.transformer.to(torch.bfloat16)  # the embeddings stay in the text encoder's dtype; the solve casts
+    latents = torch.randn(1, 3, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    common = dict(latents=latents, guidance_scale=3.0, output_type="latent")
+    from_prompt = pipe("a red circle moving left", **common).frames
+    embeds, negative = pipe.encode_prompt("a red circle moving left")
+    assert embeds.dtype == torch.float32
+    from_embeds = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, **common).frames
+    torch.testing.assert_close(from_embeds, from_prompt, rtol=0, atol=0)

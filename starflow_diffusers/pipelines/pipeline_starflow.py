@@ -125,12 +125,17 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
         device: Optional[torch.device] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Templated, encoded and masked prompt embeddings (B * num_images_per_prompt, L, D), and the negative
-        ones when guidance is on. Given `prompt_embeds`/`negative_prompt_embeds` are used without a template."""
+        ones when guidance is on, in the text encoder's dtype; needs only the tokenizer and text encoder. The
+        default aspect ratio is the one `__call__` states at the default size. Given
+        `prompt_embeds`/`negative_prompt_embeds` are used without a template."""
+
+        if aspect_ratio is None and self.config.aspect_ratio_conditioning:
+            aspect_ratio = self.default_prompt_aspect_ratio()
 
         def template(texts: List[str]) -> List[str]:
             return self.apply_prompt_template(texts, aspect_ratio)
 
-        return self._encode_prompt_pair(
+        prompt_embeds, negative_prompt_embeds = self._encode_prompt_pair(
             prompt,
             negative_prompt,
             do_classifier_free_guidance=do_classifier_free_guidance,
@@ -141,6 +146,7 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
             max_sequence_length=max_sequence_length,
             device=device,
         )
+        return prompt_embeds, negative_prompt_embeds
 
     # ---- checks -----------------------------------------------------------------------------------------
 
@@ -439,6 +445,7 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
         if text.shape[0] not in (1, batch):
             raise ValueError(f"Got {text.shape[0]} prompts for {batch} images; pass one prompt or one per image.")
         text = text.expand(batch, -1, -1)
-        output = self.transformer(latents.to(self.transformer.dtype), text, attention_kwargs=attention_kwargs)
+        dtype = self.transformer.dtype
+        output = self.transformer(latents.to(dtype), text.to(dtype), attention_kwargs=attention_kwargs)
         self.maybe_free_model_hooks()
         return self.transformer.bits_per_dim(output).float()

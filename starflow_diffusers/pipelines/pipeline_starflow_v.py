@@ -160,15 +160,21 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
         max_sequence_length: Optional[int] = None,
         device: Optional[torch.device] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Templated, encoded and masked prompt embeddings (B * num_videos_per_prompt, L, D).
+        """Templated, encoded and masked prompt embeddings (B * num_videos_per_prompt, L, D), in the text
+        encoder's dtype, and the negative ones when guidance is on. Needs only the tokenizer and text encoder.
 
+        The defaults give the conditioning `__call__` uses for the same prompt at the default size (`fps` 16,
+        the default frame size's aspect ratio), so embeddings cached this way reproduce a prompt call.
         `prompt_embeds`/`negative_prompt_embeds` are used as given (no template), e.g. from compel.
         """
-        return self._encode_prompt_pair(
+        if aspect_ratio is None and self.config.aspect_ratio_conditioning:
+            aspect_ratio = self.default_prompt_aspect_ratio()
+        prompt_embeds, negative_prompt_embeds = self._encode_prompt_pair(
             prompt, negative_prompt, do_classifier_free_guidance, num_videos_per_prompt, prompt_embeds,
             negative_prompt_embeds, lambda texts: self.apply_prompt_template(texts, fps, aspect_ratio),
             max_sequence_length, device,
         )
+        return prompt_embeds, negative_prompt_embeds
 
     # ---- checks -----------------------------------------------------------------------------------------
 
@@ -540,7 +546,8 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
             prompt_embeds = prompt_embeds.expand(latents.shape[0], -1, -1)
         if prompt_embeds.shape[0] != latents.shape[0]:
             raise ValueError(f"{prompt_embeds.shape[0]} prompts for a batch of {latents.shape[0]} videos.")
-        output = self.transformer(latents.to(self.transformer.dtype), prompt_embeds)
+        dtype = self.transformer.dtype
+        output = self.transformer(latents.to(dtype), prompt_embeds.to(dtype))
         noise = output.sample.float()
         dims = noise[0].numel()
         log_likelihood = -0.5 * noise.square().flatten(1).sum(1) - 0.5 * dims * math.log(2 * math.pi) + output.logdet

@@ -157,6 +157,11 @@ class StarFlowSamplingMixin:
 
     @property
     def noise_std(self) -> float:
+        if self.transformer is None:
+            raise ValueError(
+                "The prompt template's noise level comes from the transformer's `noise_std`; this pipeline has no "
+                "transformer (or turn off `noise_level_conditioning`)."
+            )
         return float(self.transformer.config.noise_std)
 
     @property
@@ -170,7 +175,22 @@ class StarFlowSamplingMixin:
 
     @property
     def text_length(self) -> int:
-        return self.config.max_text_length or self.transformer.config.max_text_length
+        if self.config.max_text_length:
+            return self.config.max_text_length
+        if self.transformer is None:
+            raise ValueError(
+                "The text length comes from `max_text_length` in the pipeline config or from the transformer; "
+                "this pipeline has neither: pass `max_sequence_length`."
+            )
+        return self.transformer.config.max_text_length
+
+    def default_prompt_aspect_ratio(self) -> str:
+        """The aspect ratio `__call__` states in the prompt when no size is given: the trained ratio of the
+        default frame size. Without a transformer that size cannot be rounded to the latent grid (its patch
+        size is unknown): then the trained ratio closest to `default_aspect_ratio`."""
+        if self.transformer is not None:
+            return self._resolve_frame_size(None, None, None)[2]
+        return closest_trained_aspect_ratio(parse_aspect_ratio(self.config.default_aspect_ratio), 1.0)
 
     def _encode_text(self, texts: List[str], max_sequence_length: int, device) -> torch.Tensor:
         if self.tokenizer is None or self.text_encoder is None:
@@ -226,10 +246,10 @@ class StarFlowSamplingMixin:
                     f"`negative_prompt` has {len(negative_prompt)} entries but there are {batch} prompts."
                 )
             negative_prompt_embeds = self._encode_text(template(negative_prompt), prompt_embeds.shape[1], device)
-        dtype = self.transformer.dtype
-        prompt_embeds = prompt_embeds.to(device, dtype).repeat_interleave(num_per_prompt, dim=0)
+        # in the text encoder's dtype: the transformer's calls cast them to its compute dtype
+        prompt_embeds = prompt_embeds.to(device).repeat_interleave(num_per_prompt, dim=0)
         if do_classifier_free_guidance:
-            negative_prompt_embeds = negative_prompt_embeds.to(device, dtype).repeat_interleave(num_per_prompt, 0)
+            negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(num_per_prompt, 0)
         else:
             negative_prompt_embeds = None
         return prompt_embeds, negative_prompt_embeds
@@ -527,7 +547,7 @@ class StarFlowSamplingMixin:
         with torch.enable_grad():
             x = latents.to(dtype).detach().requires_grad_(True)
             model_input = x if self.transformer.config.is_video else x[:, :, 0]
-            loss = self.transformer.nll_loss(self.transformer(model_input, prompt_embeds))
+            loss = self.transformer.nll_loss(self.transformer(model_input, prompt_embeds.to(dtype)))
             (grad,) = torch.autograd.grad(loss, x)
         return latents - self.noise_std**2 * latents.numel() * grad.float()
 

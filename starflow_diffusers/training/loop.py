@@ -137,6 +137,7 @@ def train_micro_batch(
             captions, do_classifier_free_guidance=False, fps=settings.fps, aspect_ratio=settings.aspect_ratio,
             device=accelerator.device,
         )
+        prompt_embeds = prompt_embeds.to(pipe.transformer.dtype)  # (encode_prompt keeps the text encoder's)
         noisy = add_training_noise(latents, settings.noise_std, generator)
     noisy.requires_grad_(settings.train_denoiser)
     with accelerator.autocast():

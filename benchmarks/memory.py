@@ -45,14 +45,15 @@ from starflow_diffusers import StarFlowVTransformer  # noqa: E402
 
 
 GB = 1e9
+# each setting and the dtype its model is loaded in
 CPU_SETTINGS = {
-    "fp32 (none)": "plain fp32 weights and compute",
-    "bf16": "bf16 weights and compute",
-    "fp8 e4m3 storage, bf16 compute": "enable_layerwise_casting on the bf16 model",
-    "torchao int8 weight-only": "from_pretrained(quantization_config=TorchAoConfig(Int8WeightOnlyConfig())), bf16",
-    "group offload, leaf level, to disk": "enable_group_offload(leaf_level, offload_to_disk_path=...), fp32",
-    "sequential offload (weights on meta)": "accelerate cpu_offload, fp32",
-    "guidance off": "fp32, guidance_scale 1 (batch 1 instead of 2)",
+    "fp32 (none)": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp8 e4m3 storage, bf16 compute": torch.bfloat16,
+    "torchao int8 weight-only": torch.bfloat16,
+    "group offload, leaf level, to disk": torch.float32,
+    "sequential offload (weights on meta)": torch.float32,
+    "guidance off": torch.float32,
 }
 
 
@@ -74,8 +75,7 @@ def stored_parameter_bytes(model: torch.nn.Module) -> int:
 
 def run_cpu_setting(name: str, frames: int) -> dict:
     """One setting in this process (called in a subprocess by `cpu_part`)."""
-    dtype = torch.float32 if name in ("fp32 (none)", "group offload, leaf level, to disk",
-                                      "sequential offload (weights on meta)", "guidance off") else torch.bfloat16
+    dtype = CPU_SETTINGS[name]
     transformer = load_transformer(str(PARITY_DIR / "bench_small.pth"), None, dtype)
     with tempfile.TemporaryDirectory() as folder:
         if name.startswith("fp8"):

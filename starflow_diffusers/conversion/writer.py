@@ -139,7 +139,7 @@ def write_transformer_folder(
 MARKER_NAME = ".starflow-conversion.json"
 # What a conversion writes at the top of its folder (anything else there is the user's).
 _WRITTEN_NAMES = re.compile(
-    r"^(\.starflow-conversion\.json|config\.json|model_index\.json|diffusion_pytorch_model.*\.safetensors(\.index\.json)?"
+    rf"^({re.escape(MARKER_NAME)}|config\.json|model_index\.json|diffusion_pytorch_model.*\.safetensors(\.index\.json)?"
     r"|transformer|scheduler|vae|text_encoder|tokenizer)$"
 )
 _STAGING_PATTERN = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)-[0-9a-f]{8}(?P<old>\.old)?$")

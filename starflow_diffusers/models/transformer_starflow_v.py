@@ -925,12 +925,16 @@ class StarFlowVTransformer(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterM
             logdets.append(logdet)
         return tokens, logdets
 
+    def _shallow_from_latents(self, hidden_states):
+        """`_shallow_tokens` on (checked) latents; also returns the (B, T, H/p, W/p, D) token grid's shape."""
+        tokens = self.patchify(hidden_states)
+        batch, frames, hp, wp, channels = tokens.shape
+        return (*self._shallow_tokens(tokens.reshape(batch, frames, hp * wp, channels), (hp, wp)), tokens.shape)
+
     def _flow(self, hidden_states, encoder_hidden_states, return_dict):
         self._check_input(hidden_states)
         self._check_text(encoder_hidden_states, hidden_states.shape[0])
-        tokens = self.patchify(hidden_states)
-        batch, frames, hp, wp, channels = tokens.shape
-        tokens, logdets = self._shallow_tokens(tokens.reshape(batch, frames, hp * wp, channels), (hp, wp))
+        tokens, logdets, (batch, frames, hp, wp, channels) = self._shallow_from_latents(hidden_states)
         rotary = self.rotary_embedding(frames, hp, wp, encoder_hidden_states.shape[1], tokens.device)
         z, logdet = self.deep_block(tokens, rotary, encoder_hidden_states)
         logdets.append(logdet)
@@ -995,9 +999,8 @@ class StarFlowVTransformer(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterM
             return self._denoise(hidden_states, encoder_hidden_states)
         if task == "shallow":
             self._check_input(hidden_states)
-            tokens = self.patchify(hidden_states)
-            batch, frames, hp, wp, channels = tokens.shape
-            return self._shallow_tokens(tokens.reshape(batch, frames, hp * wp, channels), (hp, wp))
+            tokens, logdets, _ = self._shallow_from_latents(hidden_states)
+            return tokens, logdets
         raise ValueError(f"`task` must be one of 'flow', 'block', 'denoise', 'shallow', got {task!r}.")
 
     def denoise(

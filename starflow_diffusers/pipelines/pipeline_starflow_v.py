@@ -28,10 +28,10 @@ from ..models.transformer_starflow_v import StarFlowVTransformer
 from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
 from .starflow_sampling import (
     StarFlowSamplingMixin,
-    closest_trained_aspect_ratio,
-    frame_size_for_aspect_ratio,
     check_finite,
     check_sizes,
+    closest_trained_aspect_ratio,
+    frame_size_for_aspect_ratio,
     integer_pixels_to_unit_range,
     parse_aspect_ratio,
 )

@@ -114,7 +114,7 @@ class StarFlowVImageToVideoPipeline(StarFlowVPipeline):
         check_finite(image_latents=image_latents, video_latents=video_latents)
         frames = self._load_frames(image, video)
         if frames is not None:  # layout, channels and range, before any encoding
-            integer_pixels_to_unit_range(frames, "image" if image is not None else "video")
+            frames = integer_pixels_to_unit_range(frames, "image" if image is not None else "video")
         if frames is not None and self.vae is None and channels != 3:
             raise ValueError("Encoding `image`/`video` needs a VAE; pass `image_latents`/`video_latents` instead.")
         denoise = self._start_call(guidance_scale, attention_kwargs, denoise)

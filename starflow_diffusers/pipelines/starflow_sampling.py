@@ -72,6 +72,10 @@ def integer_pixels_to_unit_range(images, name: str = "image"):
     return images
 
 
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_finite(**tensors: Optional[torch.Tensor]) -> None:
     """Raise a ValueError naming the first argument holding NaN or infinity (before any network runs: a
     non-finite input would only come out as a NaN video minutes later)."""
@@ -291,10 +295,7 @@ class StarFlowSamplingMixin:
         if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
             raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt).__name__}.")
         self._check_text_embeds(prompt_embeds, negative_prompt_embeds, max_sequence_length)
-        if (
-            not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool)
-            or not math.isfinite(guidance_scale) or guidance_scale < 1
-        ):
+        if not _is_finite_number(guidance_scale) or guidance_scale < 1:
             raise ValueError(f"`guidance_scale` must be a finite number >= 1 (1 disables guidance), got {guidance_scale!r}.")
         name, value = num_per_prompt
         if not isinstance(value, int) or value < 1:
@@ -376,9 +377,7 @@ class StarFlowSamplingMixin:
         if denoise == "learned" and not self.transformer.has_denoiser:
             raise ValueError("`denoise='learned'` needs a model with a learned denoiser; use 'score' or 'none'.")
         scale = (attention_kwargs or {}).get("scale")
-        if scale is not None and (
-            not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale)
-        ):
+        if scale is not None and not _is_finite_number(scale):
             raise ValueError(f"`attention_kwargs['scale']` (the LoRA scale) must be a finite number, got {scale!r}.")
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
@@ -412,11 +411,12 @@ class StarFlowSamplingMixin:
 
     @contextlib.contextmanager
     def _holding_compute_dtype(self):
-        self._compute_dtype = self.transformer.dtype
+        previous = getattr(self, "_compute_dtype", None)
+        self._compute_dtype = previous or self.transformer.dtype
         try:
             yield
         finally:
-            self._compute_dtype = None
+            self._compute_dtype = previous
 
     def _to_block_tokens(self, latents: torch.Tensor, block: StarFlowFlowBlock) -> torch.Tensor:
         """(B, C, T, H, W) -> float32 (B, T*F, D) tokens in `block`'s order."""
@@ -439,16 +439,15 @@ class StarFlowSamplingMixin:
         rotary,
         guidance_weight: float = 0.0,
         cfg_batch: bool = False,
-        dtype: Optional[torch.dtype] = None,
     ) -> None:
         """Fixed-point iterations of one chunk of block `block_index`; `state` is updated in place. The network
-        runs in `dtype` (default the transformer's compute dtype).
+        runs in the transformer's compute dtype.
 
         With per-sequence convergence (`convergence="sample"`), a converged sequence is fed the inputs it
         converged with while the others go on, so its values and cache entries stay those of its converging
         iteration: exactly what it would get alone."""
         scheduler = self.scheduler
-        dtype = dtype or self.compute_dtype
+        dtype = self.compute_dtype
         replay = scheduler.config.convergence == "sample" and state.shape[0] > 1
         converged, converged_inputs = None, None
         for iteration in range(scheduler.iterations_per_chunk):
@@ -477,16 +476,16 @@ class StarFlowSamplingMixin:
         frames = 1 if per_frame else t
         chunks = self.scheduler.plan(hp * wp, frames)
         rotary = rotary_phases(self.transformer.rotary_embedding(frames, hp, wp, 0, tokens.device))
-        dtype = self.compute_dtype
         shallow = self.transformer.shallow_blocks
-        for index in reversed(range(len(shallow))):
-            block = shallow[index]
-            seqs = block.permute(tokens).reshape(b * t // frames, frames * hp * wp, -1)
-            noise, state = seqs, seqs.clone()
-            cache = block.init_cache(state.shape[0], frames * hp * wp)
-            for chunk in chunks:
-                self.solve_chunk(index, chunk, state, noise, cache, rotary, dtype=dtype)
-            tokens = block.permute(state.reshape(b, t, hp * wp, -1))
+        with self._holding_compute_dtype():
+            for index in reversed(range(len(shallow))):
+                block = shallow[index]
+                seqs = block.permute(tokens).reshape(b * t // frames, frames * hp * wp, -1)
+                noise, state = seqs, seqs.clone()
+                cache = block.init_cache(state.shape[0], frames * hp * wp)
+                for chunk in chunks:
+                    self.solve_chunk(index, chunk, state, noise, cache, rotary)
+                tokens = block.permute(state.reshape(b, t, hp * wp, -1))
         return tokens
 
     def _denoise_window_starts(self, num_frames: int, window: int) -> List[int]:
@@ -609,7 +608,7 @@ class StarFlowSamplingMixin:
                         prepend_sos=True,
                     )
                 weight = max(self._guidance_scale - 1.0, 0.0) if cfg_batch else 0.0
-                self.solve_chunk(deep_index, chunk, state, z, cache, rotary, weight, cfg_batch, dtype)
+                self.solve_chunk(deep_index, chunk, state, z, cache, rotary, weight, cfg_batch)
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
                     for name in callback_on_step_end_tensor_inputs:

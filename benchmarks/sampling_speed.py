@@ -28,6 +28,7 @@ figures were taken on an idle machine, and 2 threads on a shared 2-core machine 
 """
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -191,7 +192,9 @@ def machine_probe() -> dict:
 
 
 def make_pipeline(transformer, mode: str, convergence: str = "batch", **scheduler_kwargs) -> StarFlowVPipeline:
-    if convergence != "batch":  # only passed when needed, so older versions without the option can be timed
+    """A pipeline solving with `mode`; `convergence` defaults to the original's batch-wide rule, which the
+    comparison with the original needs (older versions of this package without the option used it always)."""
+    if "convergence" in inspect.signature(JacobiFlowScheduler.__init__).parameters:
         scheduler_kwargs["convergence"] = convergence
     scheduler = JacobiFlowScheduler(mode=mode, **{**SOLVER, **scheduler_kwargs})
     pipe = StarFlowVPipeline(transformer=transformer, scheduler=scheduler)

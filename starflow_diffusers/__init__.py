@@ -1,7 +1,8 @@
 """STARFlow-V and STARFlow normalizing flows for Hugging Face diffusers."""
 
-import logging as _logging
 import os as _os
+
+from ._imports import lazy_exports as _lazy_exports
 
 
 __version__ = "0.1.0"
@@ -10,27 +11,22 @@ __version__ = "0.1.0"
 # `StarFlowVPipeline.from_pretrained(starflow_diffusers.BUNDLED_MODEL)` works offline.
 BUNDLED_MODEL = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "bundled", "shapes-32px")
 
-# Importing diffusers imports torchao when it is installed (it is a test dependency). Without CUDA, torchao
-# logs that its CUDA kernels cannot load, torch warns about its enums and diffusers about torchao tensor
-# classes of old checkpoints: nothing to act on. Those loggers are quiet while this package imports
-# diffusers, then restored.
-_QUIET_AT_IMPORT = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
-_levels = {name: _logging.getLogger(name).level for name in _QUIET_AT_IMPORT}
-for _name in _QUIET_AT_IMPORT:
-    _logging.getLogger(_name).setLevel(_logging.ERROR)
+# Every component module, by the names it exports. The first access to any of them imports all, so that
+# `from_pretrained` resolves each of our classes by name. Nothing heavy is imported before that (as in
+# diffusers' own `__init__`), which keeps the command-line `--help` instant.
+_EXPORTS = {
+    "loaders": ["StarFlowVLoraLoaderMixin"],
+    "models": ["StarFlowKVCache", "StarFlowVTransformer", "StarFlowVTransformerOutput"],
+    "pipelines": [
+        "StarFlowPipeline",
+        "StarFlowVImageToVideoPipeline",
+        "StarFlowVInversionOutput",
+        "StarFlowVPipeline",
+        "StarFlowVPipelineOutput",
+        "StarFlowVVideoToVideoPipeline",
+    ],
+    "schedulers": ["JacobiFlowScheduler", "JacobiFlowSchedulerOutput"],
+}
 
-# Every component module is imported here so `from_pretrained` can resolve our classes by name.
-from .loaders import StarFlowVLoraLoaderMixin
-from .models import StarFlowKVCache, StarFlowVTransformer, StarFlowVTransformerOutput
-from .pipelines import (
-    StarFlowPipeline,
-    StarFlowVImageToVideoPipeline,
-    StarFlowVInversionOutput,
-    StarFlowVPipeline,
-    StarFlowVPipelineOutput,
-    StarFlowVVideoToVideoPipeline,
-)
-from .schedulers import JacobiFlowScheduler, JacobiFlowSchedulerOutput
-
-for _name, _level in _levels.items():
-    _logging.getLogger(_name).setLevel(_level)
+__getattr__, __dir__, __all__ = _lazy_exports(__name__, _EXPORTS)
+__all__ = ["BUNDLED_MODEL", *__all__]

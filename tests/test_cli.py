@@ -114,3 +114,49 @@ def test_the_console_entry_point_runs_as_a_module(tmp_path):
     out = tmp_path / "out.mp4"
     subprocess.run([sys.executable, "-m", "starflow_diffusers.cli", "generate", SPEC.caption, "-o", str(out)], check=True)
     assert _read_mp4(out)[1].shape == (17, 256, 256, 3)
+
+
+# `--help` and argument errors must not wait for torch and diffusers (seconds to import): the package and
+# every entry point import them only once work starts.
+NO_TORCH_CHECK = """
+import sys
+from {module} import main
+try:
+    main({argv!r})
+except SystemExit as e:
+    code = e.code
+heavy = sorted(name for name in ("torch", "diffusers", "transformers", "peft", "accelerate") if name in sys.modules)
+print("imported:", heavy, "exit:", code)
+"""
+
+
+@pytest.mark.parametrize(
+    "module, argv",
+    [
+        ("starflow_diffusers.cli", ["--help"]),
+        ("starflow_diffusers.cli", ["generate", "--help"]),
+        ("starflow_diffusers.cli", ["generate", "a red circle", "-o", "out.avi"]),
+        ("starflow_diffusers.cli", ["train-lora", "--help"]),
+        ("starflow_diffusers.conversion.__main__", ["--help"]),
+        ("starflow_diffusers.conversion.__main__", ["--checkpoint", "a.pth"]),
+        ("starflow_diffusers.training.train_lora", ["--help"]),
+        ("starflow_diffusers.training.train", ["--help"]),
+    ],
+)
+def test_help_and_argument_errors_import_no_torch(module, argv):
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_CHECK.format(module=module, argv=argv)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    heavy, code = result.stdout.strip().splitlines()[-1].split("exit:")
+    assert heavy.strip() == "imported: []" and code.strip() in ("0", "2"), result.stdout + result.stderr
+
+
+def test_the_package_resolves_every_component_by_name():
+    # diffusers' from_pretrained looks classes up with getattr on the package named in model_index.json
+    import starflow_diffusers
+
+    for name in starflow_diffusers.__all__:
+        assert getattr(starflow_diffusers, name) is not None
+    with pytest.raises(AttributeError, match="NoSuchClass"):
+        starflow_diffusers.NoSuchClass

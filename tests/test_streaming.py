@@ -96,8 +96,7 @@ def test_sequential_solve_streams_early():
 
 def test_batch_convergence_streams_once_the_deep_block_is_done():
     # the original's batch-wide Jacobi rule couples the frames of the shallow blocks: nothing is final earlier
-    pipe = tiny_pipeline(with_vae=False)
-    assert pipe.scheduler.config.convergence == "batch"
+    pipe = tiny_pipeline(with_vae=False, scheduler_kwargs=dict(convergence="batch"))
     kwargs = call_kwargs(vae=False, denoise="learned", output_type="latent")
     full = pipe(**kwargs).frames
     items, recorder = stream_items(pipe, **call_kwargs(vae=False, denoise="learned", output_type="latent"))

@@ -1,15 +1,24 @@
-from .convert_starflow import (
-    ConversionError,
-    convert_original_checkpoint,
-    convert_state_dict,
-    load_original_config,
-    load_original_state_dict,
-    pipeline_config_from_original,
-    transformer_config_from_original,
-)
-from .writer import (
-    convert_checkpoint_to_folder,
-    convert_checkpoint_to_pipeline_folder,
-    staged_output_directory,
-    write_transformer_folder,
+from .._imports import lazy_exports
+
+
+# Lazy, so that `starflow-convert --help` needs no torch.
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "convert_starflow": [
+            "ConversionError",
+            "convert_original_checkpoint",
+            "convert_state_dict",
+            "load_original_config",
+            "load_original_state_dict",
+            "pipeline_config_from_original",
+            "transformer_config_from_original",
+        ],
+        "writer": [
+            "convert_checkpoint_to_folder",
+            "convert_checkpoint_to_pipeline_folder",
+            "staged_output_directory",
+            "write_transformer_folder",
+        ],
+    },
 )

@@ -14,14 +14,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .convert_starflow import ConversionError
-from .writer import (
-    DEFAULT_MAX_SHARD_SIZE,
-    DTYPES,
-    convert_checkpoint_to_folder,
-    convert_checkpoint_to_pipeline_folder,
-    parse_size,
-)
+
 
 
 PROG = "starflow-convert"
@@ -32,12 +25,9 @@ EXIT_OS_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
-def _shard_size(value: str) -> str:
-    try:
-        parse_size(value)
-    except ConversionError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-    return value
+# What the writer accepts, named here so that `--help` and argument errors need no torch (seconds to import).
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,12 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--transformer-only", action="store_true", help="write only the transformer folder (config.json + safetensors)"
     )
     parser.add_argument(
-        "--dtype", choices=list(DTYPES), default="fp32", help="dtype of the written weights (default: fp32)"
+        "--dtype", choices=DTYPE_NAMES, default="fp32", help="dtype of the written weights (default: fp32)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     parser.add_argument(
         "--max-shard-size",
-        type=_shard_size,
         default=DEFAULT_MAX_SHARD_SIZE,
         help=f"largest safetensors file, e.g. 5GB, 500MB (decimal units; default: {DEFAULT_MAX_SHARD_SIZE})",
     )
@@ -87,6 +76,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     components = dict(vae_path=args.vae, text_encoder_path=args.text_encoder, tokenizer_path=args.tokenizer)
     if args.transformer_only and any(components.values()):
         parser.error("--transformer-only writes no --vae/--text-encoder/--tokenizer; drop one or the other")
+
+    from .convert_starflow import ConversionError
+    from .writer import DTYPES, convert_checkpoint_to_folder, convert_checkpoint_to_pipeline_folder, parse_size
+
+    try:
+        parse_size(args.max_shard_size)
+    except ConversionError as e:
+        parser.error(f"argument --max-shard-size: {e}")
     common = dict(torch_dtype=DTYPES[args.dtype], overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     try:
         if args.transformer_only:

@@ -370,7 +370,7 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
         at (see `final_frames`): R = denoiser layers x `denoiser_lookahead` frames ahead for `denoise="learned"`,
         its whole window for "score". The shallow blocks of a frame run as soon as the deep block has solved it
         when frames are independent there: per-frame shallow blocks (released models) solved sequentially or
-        with `JacobiFlowScheduler(convergence="sample")`. With the default `convergence="batch"` (the original's
+        with the default `JacobiFlowScheduler(convergence="sample")`. With `convergence="batch"` (the original's
         rule, which couples the frames) nothing is final before the deep block has solved the whole video.
 
         Frames are decoded causally, one latent frame at a time, with the Wan VAE's feature cache (VAE tiling
@@ -379,7 +379,6 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
 
         Examples:
             ```py
-            >>> pipe.scheduler = JacobiFlowScheduler.from_config(pipe.scheduler.config, convergence="sample")
             >>> for frames in pipe.stream("a corgi running on the beach at sunset", guidance_scale=4.5):
             ...     show(frames[0])  # (n, H, W, 3) in [0, 1]
             ```

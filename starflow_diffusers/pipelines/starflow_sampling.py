@@ -454,6 +454,10 @@ class StarFlowSamplingMixin:
             inputs, prepend_sos = scheduler.chunk_inputs(state, chunk, iteration)
             if converged is not None:
                 inputs = torch.where(converged[:, None, None], converged_inputs, inputs)
+            elif replay:
+                # a view of `state`, which the step overwrites: a sequence converging now must replay the
+                # values it was fed
+                inputs = inputs.clone()
             length = cache.length
             params = self.transformer.evaluate_block(
                 block_index, _guidance_batch(inputs, cfg_batch).to(dtype), cache, rotary, prepend_sos=prepend_sos

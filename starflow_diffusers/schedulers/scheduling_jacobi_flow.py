@@ -10,12 +10,13 @@ has converged; if not, the pipeline rolls its cache back and evaluates the chunk
 * `mode="jacobi"`: block-Jacobi fixed-point iteration on chunks of `block_size` tokens within the first
   frame and `later_block_multiplier * block_size` after it; iteration 0 of a later chunk may read the same
   positions one frame earlier (`warm_start`).
-* `convergence="batch"` (the original's rule) stops a chunk once the relative residual over the whole batch is
-  below `threshold`, so a sample's result depends on the rest of its batch. With `convergence="sample"` every
-  sequence of the batch stops on its own residual: the pipeline then replays a converged sequence's inputs,
-  which leaves its values and its cache entries unchanged, and a result no longer depends on what else is in
-  the batch. That makes batched calls match single ones, and lets `StarFlowVPipeline.stream` invert the
-  shallow blocks of early frames (one sequence per frame) before the later frames exist.
+* `convergence="sample"` (the default) stops every sequence of a batch on its own residual: the pipeline
+  replays a converged sequence's inputs, which leaves its values and its cache entries unchanged, so a result
+  does not depend on what else is in the batch. Batched calls match single ones (as with every diffusers
+  pipeline), and `StarFlowVPipeline.stream` can invert the shallow blocks of early frames (one sequence per
+  frame) before the later frames exist. `convergence="batch"` is the original code's rule: a chunk stops once
+  the relative residual over the whole batch is below `threshold`, so a sample's result depends on the rest
+  of its batch (and with guidance on its unconditional half); choose it to reproduce the original's samples.
 * Videos longer than `local_window` latent frames are solved window by window: after the first window,
   each new window keeps the last `context_frames` solved frames, which the pipeline re-encodes into a fresh
   cache so that positions restart at 0.
@@ -98,8 +99,8 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         local_window (`int`, *optional*): latent frames the deep block attends to; None means the model's
             trained length (`trained_latent_frames`).
         context_frames (`int`): frames kept as context when the window slides.
-        convergence (`str`): "batch" (one residual over the batch, as the original code) or "sample" (one per
-            sequence; results independent of the batch, needed for early frames in `stream`).
+        convergence (`str`): "sample" (one residual per sequence: results independent of the batch, needed for
+            early frames in `stream`) or "batch" (one residual over the batch, the original code's rule).
     """
 
     config_name = "scheduler_config.json"
@@ -117,7 +118,7 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         warm_start: bool = True,
         local_window: Optional[int] = None,
         context_frames: int = 16,
-        convergence: str = "batch",
+        convergence: str = "sample",
     ):
         self._validate(mode, block_size, later_block_multiplier, max_iterations, threshold, local_window, context_frames)
         if convergence not in ("batch", "sample"):

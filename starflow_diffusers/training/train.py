@@ -39,16 +39,20 @@ import math
 import os
 import shutil
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-import torch
+from .._imports import quiet_third_party_import
+
+
+if TYPE_CHECKING:
+    import torch
 
 
 logger = logging.getLogger("starflow_diffusers.train")
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 REPORT_TO_CHOICES = ("auto", "tensorboard", "wandb", "none")
-SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SAVE_DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes
 SECTIONS = ("model", "text_encoder", "pipeline", "scheduler", "data", "training")
 
 TEXT_ENCODER_DEFAULTS: Dict[str, Any] = {
@@ -221,7 +225,7 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
         _check_positive_int("training.checkpoints_total_limit", training["checkpoints_total_limit"])
     if training["lr_scheduler"] not in lr_scheduler_choices():
         raise ValueError(f"`training.lr_scheduler` {training['lr_scheduler']!r} is unknown; choose one of {', '.join(lr_scheduler_choices())}.")
-    for name, choices in (("mixed_precision", MIXED_PRECISION_CHOICES), ("save_dtype", tuple(SAVE_DTYPES)), ("report_to", REPORT_TO_CHOICES)):
+    for name, choices in (("mixed_precision", MIXED_PRECISION_CHOICES), ("save_dtype", SAVE_DTYPES), ("report_to", REPORT_TO_CHOICES)):
         if training[name] not in choices:
             raise ValueError(f"`training.{name}` must be one of {', '.join(choices)}, got {training[name]!r}.")
     denoiser_layers = model.get("denoiser_num_layers", inspect.signature(StarFlowVTransformer).parameters["denoiser_num_layers"].default)
@@ -316,6 +320,8 @@ def caption_vocabulary(config: Dict[str, Any]) -> List[str]:
 
 def build_pipeline(config: Dict[str, Any]):
     """A fresh `StarFlowVPipeline` (new transformer, frozen text encoder, no VAE) from a resolved config."""
+    import torch
+
     from ..models.transformer_starflow_v import StarFlowVTransformer
     from ..pipelines.pipeline_starflow_v import StarFlowVPipeline
     from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
@@ -350,7 +356,7 @@ def build_dataset(config: Dict[str, Any]):
     return VideoCaptionDataset(data["data_dir"], data["height"], data["width"], data["num_frames"], fps=data["fps"])
 
 
-def save_pipeline(pipe, output_dir: str, dtype: torch.dtype) -> None:
+def save_pipeline(pipe, output_dir: str, dtype: "torch.dtype") -> None:
     """`pipe.save_pretrained` into a hidden staging folder, then move each part into `output_dir`,
     `model_index.json` last: a folder with a `model_index.json` is a complete pipeline."""
     transformer = pipe.transformer
@@ -388,17 +394,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optional[str] = None) -> str:
     """Train from a resolved config (`resolve_config`); returns `output_dir`, a complete pipeline folder."""
-    import diffusers
-    import transformers
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.utils import export_to_video
+    import torch
 
-    from ..models.transformer_starflow_v import StarFlowVTransformer
-    from .data import EpochShuffleSampler, VideoCaptionDataset, collate_clips
-    from .loop import FlowStepSettings, remove_incomplete_checkpoints, resume_from_checkpoint as resume, run_training_loop, save_checkpoint
-    from .objective import StarFlowTrainingModule
+    with quiet_third_party_import():
+        import diffusers
+        import transformers
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+        from diffusers.optimization import get_scheduler
+        from diffusers.utils import export_to_video
+
+        from ..models.transformer_starflow_v import StarFlowVTransformer
+        from .data import EpochShuffleSampler, VideoCaptionDataset, collate_clips
+        from .loop import FlowStepSettings, remove_incomplete_checkpoints, resume_from_checkpoint as resume, run_training_loop, save_checkpoint
+        from .objective import StarFlowTrainingModule
 
     training = config["training"]
     report_to = training["report_to"]
@@ -539,7 +548,7 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         transformer.eval()
-        save_pipeline(pipe, output_dir, SAVE_DTYPES[training["save_dtype"]])
+        save_pipeline(pipe, output_dir, getattr(torch, training["save_dtype"]))
         logger.info(f"Saved the pipeline to {output_dir}")
         if isinstance(dataset, VideoCaptionDataset) and dataset.num_skipped:
             logger.warning(f"{dataset.num_skipped} file(s) were skipped: {sorted(dataset.skipped)[:5]}")

@@ -22,9 +22,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-import torch
-
-from .loop import checkpoint_step
+from .._imports import quiet_third_party_import
 
 
 logger = logging.getLogger("starflow_diffusers.train_lora")
@@ -75,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--learning_rate", type=float, default=1e-4)
-    optim.add_argument("--lr_scheduler", default="constant", help=f"one of {', '.join(lr_scheduler_choices())}")
+    optim.add_argument(
+        "--lr_scheduler", default="constant", help="a diffusers.optimization schedule: constant, linear, cosine, ..."
+    )
     optim.add_argument("--lr_warmup_steps", type=int, default=0)
     optim.add_argument("--max_train_steps", type=int, default=1000)
     optim.add_argument("--train_batch_size", type=int, default=1, help="per process")
@@ -181,6 +181,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.resume_from_checkpoint not in (None, "latest"):
         if not os.path.isdir(args.resume_from_checkpoint):
             raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is neither 'latest' nor a folder.")
+        from .loop import checkpoint_step
+
         checkpoint_step(args.resume_from_checkpoint)
 
     from .data import scan_data_dir
@@ -199,6 +201,8 @@ def _unknown_target_message(unknown: Sequence[str], valid_paths: Sequence[str] =
 def resolve_target_modules(transformer, names: Optional[Sequence[str]], train_denoiser: bool) -> List[str]:
     """Full module paths of the Linear layers to adapt: the projections `names` of every layer of the deep
     block (and of the denoiser with `train_denoiser`); names containing a block path are used as given."""
+    import torch
+
     linear_paths = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
     names = list(names) if names else list(LAYER_PROJECTIONS)
     stacks = [f"blocks.{len(transformer.blocks) - 1}"] + (["denoiser"] if train_denoiser else [])
@@ -223,27 +227,30 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 def train(args: argparse.Namespace) -> str:
     """Run training; returns the path of the saved LoRA file."""
-    import diffusers
-    import transformers
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-    from diffusers.utils import export_to_video
-    from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+    import torch
 
-    from ..pipelines.pipeline_starflow_v import StarFlowVPipeline
-    from ..pipelines.starflow_sampling import closest_trained_aspect_ratio
-    from .data import EpochShuffleSampler, VideoCaptionDataset, cache_dataset, collate_clips
-    from .loop import (
-        FlowStepSettings,
-        remove_incomplete_checkpoints,
-        resume_from_checkpoint,
-        run_training_loop,
-        save_checkpoint,
-    )
-    from .objective import StarFlowTrainingModule
+    with quiet_third_party_import():
+        import diffusers
+        import transformers
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import cast_training_params
+        from diffusers.utils import export_to_video
+        from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+
+        from ..pipelines.pipeline_starflow_v import StarFlowVPipeline
+        from ..pipelines.starflow_sampling import closest_trained_aspect_ratio
+        from .data import EpochShuffleSampler, VideoCaptionDataset, cache_dataset, collate_clips
+        from .loop import (
+            FlowStepSettings,
+            remove_incomplete_checkpoints,
+            resume_from_checkpoint,
+            run_training_loop,
+            save_checkpoint,
+        )
+        from .objective import StarFlowTrainingModule
 
     report_to = args.report_to
     if report_to == "auto":

@@ -88,3 +88,61 @@ def test_the_bundled_model_gives_the_same_clip_in_a_batch():
     batched = pipe(prompts, generator=_generators([0, 1]), **kwargs).frames
     alone = pipe(prompts[0], generator=_generators([0])[0], **kwargs).frames
     torch.testing.assert_close(batched[:1], alone, rtol=0, atol=1e-4)
+
+
+# ---- a pipeline's meaning does not depend on which components are loaded ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_latent_pipeline(tmp_path_factory):
+    """A tiny latent (Wan-VAE) pipeline with every template line on, saved as a folder."""
+    pipe = StarFlowVPipeline(**tiny_pipeline_components(), aspect_ratio_conditioning=True)
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path_factory.mktemp("pipeline")
+    pipe.save_pretrained(folder)
+    return pipe, folder
+
+
+def test_encode_prompt_of_a_text_only_pipeline_loaded_from_a_folder(saved_latent_pipeline):
+    """The template's noise level, padding length and sizes are in the pipeline's config: a pipeline loaded
+    with only its tokenizer and text encoder encodes exactly as the whole pipeline (and as its `__call__`)."""
+    pipe, folder = saved_latent_pipeline
+    assert pipe.config.noise_level_conditioning and pipe.config.fps_conditioning
+    text_only = StarFlowVPipeline.from_pretrained(folder, transformer=None, vae=None)
+    assert text_only.transformer is None and text_only.config.noise_level == pipe.transformer.config.noise_std
+    assert text_only.apply_prompt_template(["a dog"], 16, "1:1") == pipe.apply_prompt_template(["a dog"], 16, "1:1")
+    for (got, expected) in zip(text_only.encode_prompt("a red circle", "blurry"), pipe.encode_prompt("a red circle", "blurry")):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_latent_model_loaded_without_its_vae_keeps_its_sizes(saved_latent_pipeline, tmp_path):
+    pipe, folder = saved_latent_pipeline
+    vae = pipe.vae.config
+    without_vae = StarFlowVPipeline.from_pretrained(folder, vae=None)
+    without_vae.set_progress_bar_config(disable=True)
+    factors = (without_vae.vae_scale_factor_temporal, without_vae.vae_scale_factor_spatial)
+    assert factors == (vae.scale_factor_temporal, vae.scale_factor_spatial) != (1, 1)
+    # the same call means the same latent video
+    kwargs = dict(prompt="a red circle", height=32, width=32, num_frames=5, guidance_scale=2.0, output_type="latent")
+    expected = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    got = without_vae(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    assert got.shape == expected.shape == (1, 48, 2, 2, 2)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="output_type='np'.*VAE"):
+        without_vae(**{**kwargs, "output_type": "np"})
+    # saved again without the VAE and reloaded: still the same sizes
+    without_vae.save_pretrained(tmp_path)
+    again = StarFlowVPipeline.from_pretrained(tmp_path)
+    assert again.vae is None
+    assert (again.vae_scale_factor_temporal, again.vae_scale_factor_spatial) == factors
+
+
+def test_a_latent_model_without_a_vae_or_configured_factors_falls_back_to_wan22():
+    components = tiny_pipeline_components()
+    components["vae"] = None
+    pipe = StarFlowVPipeline(**components)
+    assert (pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial) == (4, 16)
+    assert (StarFlowVPipeline(**tiny_pipeline_components(with_vae=False)).vae_scale_factor_spatial) == 1
+    image = tiny_image_pipeline_components()
+    image["vae"] = None
+    assert StarFlowPipeline(**image).vae_scale_factor == 8

@@ -203,7 +203,7 @@ def test_latent_rgb_check_without_vae():
     components = tiny_image_pipeline_components()
     components["vae"] = None
     pipe = StarFlowPipeline(**components)
-    with pytest.raises(ValueError, match="no VAE and its latents are not RGB"):
+    with pytest.raises(ValueError, match="decodes with the VAE, and this pipeline has none"):
         pipe("a cat", output_type="pil")
 
 

@@ -154,12 +154,17 @@ def pipeline_config_from_original(args: Mapping[str, Any]) -> Dict[str, Any]:
         base_frame_size=int(args["img_size"]),
         max_text_length=int(args["txt_size"]),
     )
-    if int(args.get("temporal_causal", 0)) <= 0:
-        return common
     vae = str(args.get("vae") or "none")
+    spatial = vae_spatial_factor(vae)  # written, so that the pipeline keeps its sizes when loaded without a VAE
+    if int(args.get("temporal_causal", 0)) <= 0:
+        return dict(common, vae_scale_factor=spatial)
     # the release writes the latent temporal scale after the VAE name: "Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6"
     scale = float(vae.rsplit(":", 1)[1]) if ":" in vae else 1.0
-    return dict(common, fps_conditioning=bool(args.get("fps_cond", 0)), latent_temporal_scale=scale)
+    temporal = 1 if spatial == 1 else VIDEO_TEMPORAL_FACTOR
+    return dict(
+        common, fps_conditioning=bool(args.get("fps_cond", 0)), latent_temporal_scale=scale,
+        vae_scale_factor_temporal=temporal, vae_scale_factor_spatial=spatial,
+    )
 
 
 def is_deprecated_key(key: str) -> bool:

@@ -21,6 +21,7 @@ from ..loaders import StarFlowVLoraLoaderMixin
 from ..models.transformer_starflow_v import StarFlowVTransformer
 from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
 from .starflow_sampling import (
+    PIXEL_CHANNELS,
     StarFlowSamplingMixin,
     check_finite,
     check_sizes,
@@ -31,6 +32,10 @@ from .starflow_sampling import (
 
 
 logger = logging.get_logger(__name__)
+
+# pixels per latent cell of the SD VAE (sd-vae-ft-ema) the released 3B model uses: the scale factor of a
+# latent model loaded without a VAE and without a configured factor
+SD_VAE_SCALE_FACTOR = 8
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -64,8 +69,14 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
             model).
         default_aspect_ratio (`str`): aspect ratio when neither it nor height/width are given.
         base_frame_size (`int`, *optional*): side, in pixels, of the square with the trained image area;
-            None means `transformer.config.sample_size` latent cells.
+            None means `transformer.config.sample_size` latent cells (resolved and registered at `__init__`).
         max_text_length (`int`, *optional*): tokenizer padding length; None uses the transformer's.
+        noise_level (`float`, *optional*): the training noise sigma the prompt template states; None uses the
+            transformer's `noise_std`.
+        vae_scale_factor (`int`, *optional*): pixels per latent cell. It follows the VAE when one is loaded;
+            without one it keeps the configured value, else 1 for a pixel-space transformer and the SD VAE's 8
+            for a latent one. These settings are registered at `__init__`, so the saved pipeline config is
+            complete and `encode_prompt` needs no transformer.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -84,20 +95,30 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
         default_aspect_ratio: str = "1:1",
         base_frame_size: Optional[int] = None,
         max_text_length: Optional[int] = None,
+        noise_level: Optional[float] = None,
+        vae_scale_factor: Optional[int] = None,
     ):
         super().__init__()
         self.register_modules(
             transformer=transformer, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae
         )
         parse_aspect_ratio(default_aspect_ratio)
+        if vae is not None:
+            vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        elif vae_scale_factor is None:
+            pixels = transformer is not None and transformer.config.in_channels == PIXEL_CHANNELS
+            vae_scale_factor = 1 if pixels else SD_VAE_SCALE_FACTOR
+        if base_frame_size is None and transformer is not None:
+            base_frame_size = transformer.config.sample_size * vae_scale_factor * transformer.config.patch_size
         self.register_to_config(
             aspect_ratio_conditioning=aspect_ratio_conditioning,
             noise_level_conditioning=noise_level_conditioning,
             default_aspect_ratio=default_aspect_ratio,
             base_frame_size=base_frame_size,
-            max_text_length=max_text_length,
+            vae_scale_factor=vae_scale_factor,
+            **self.standalone_text_settings(transformer, noise_level, max_text_length),
         )
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.vae_scale_factor = vae_scale_factor
         # the name the shared size helpers read
         self.vae_scale_factor_spatial = self.vae_scale_factor
         latent_channels = vae.config.latent_channels if vae is not None else 4
@@ -201,13 +222,15 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents -> model space: times `scaling_factor` (after subtracting a `shift_factor`, if any)."""
-        if self.vae is None:
+        if self.models_pixels:
             return latents
+        self._require_vae("Scaling VAE latents")
         return (latents - self._vae_shift()) * self.vae.config.scaling_factor
 
     def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
+        if self.models_pixels:
             return latents
+        self._require_vae("Unscaling model-space latents")
         return latents / self.vae.config.scaling_factor + self._vae_shift()
 
     @staticmethod
@@ -327,9 +350,10 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
     def decode_latents(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
             return latents
-        if self.vae is None:
+        if self.models_pixels:
             pixels = latents
         else:
+            self._require_vae(f"`output_type={output_type!r}`")
             pixels = self.vae.decode(self.unscale_latents(latents).to(self.vae.dtype), return_dict=False)[0]
         return self.image_processor.postprocess(pixels.float(), output_type=output_type)
 
@@ -363,8 +387,9 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
             logger.warning(f"Image size must be a multiple of {multiple}; resizing {tuple(pixels.shape[2:])} to {(h, w)}.")
             pixels = self.image_processor.resize(pixels, h, w)
         device = self._execution_device
-        if self.vae is None:
+        if self.models_pixels:
             return pixels.to(device, torch.float32)
+        self._require_vae("Encoding `image` (pass model-space `latents` instead)")
         posterior = self.vae.encode(pixels.to(device, self.vae.dtype)).latent_dist
         latents = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         return self.scale_latents(latents.float())

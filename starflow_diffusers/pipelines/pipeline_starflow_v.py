@@ -27,6 +27,7 @@ from ..loaders import StarFlowVLoraLoaderMixin
 from ..models.transformer_starflow_v import StarFlowVTransformer
 from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
 from .starflow_sampling import (
+    PIXEL_CHANNELS,
     StarFlowSamplingMixin,
     check_finite,
     check_sizes,
@@ -38,6 +39,10 @@ from .starflow_sampling import (
 
 
 logger = logging.get_logger(__name__)
+
+# (temporal, spatial) of the Wan2.2 VAE the released models use: the scale factors of a latent model loaded
+# without a VAE and without configured factors (as Wan's pipelines fall back to their VAE's)
+WAN_VAE_SCALE_FACTORS = (4, 16)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -93,15 +98,25 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
         scheduler ([`JacobiFlowScheduler`]): the inversion solver.
         tokenizer (`T5TokenizerFast`, *optional*), text_encoder (`T5EncoderModel`, *optional*): the text
             encoder (FLAN-T5-XL for the released model); optional when `prompt_embeds` are passed.
-        vae ([`AutoencoderKLWan`], *optional*): the Wan2.2 VAE; None for a model trained in pixel space.
+        vae ([`AutoencoderKLWan`], *optional*): the Wan2.2 VAE; None for a model trained in pixel space (a
+            transformer with 3 input channels), or to work with a latent model's latents only
+            (`output_type="latent"`, `video_latents`).
         fps_conditioning (`bool`): the prompt template states the fps ("A video with 16 fps:").
         noise_level_conditioning (`bool`): the template states the training noise level.
         aspect_ratio_conditioning (`bool`): the template states the aspect ratio.
         default_aspect_ratio (`str`): aspect ratio when neither it nor height/width are given.
-        base_frame_size (`int`): side, in pixels, of the square with the trained frame area.
+        base_frame_size (`int`, *optional*): side, in pixels, of the square with the trained frame area;
+            None means `transformer.config.sample_size` latent cells (resolved and registered at `__init__`).
         latent_temporal_scale (`float`): latent frames after the first are multiplied by this after VAE
             normalisation (0.6 for the released model).
         max_text_length (`int`, *optional*): tokenizer padding length; None uses the transformer's.
+        noise_level (`float`, *optional*): the training noise sigma the prompt template states; None uses the
+            transformer's `noise_std`.
+        vae_scale_factor_temporal, vae_scale_factor_spatial (`int`, *optional*): video frames per latent frame
+            and pixels per latent cell. They follow the VAE when one is loaded; without one they keep the
+            configured values, else 1 for a pixel-space transformer and the Wan2.2 VAE's (4, 16) for a latent
+            one. `max_text_length`, `noise_level`, `base_frame_size` and the scale factors are registered at
+            `__init__`, so the saved pipeline config is complete and `encode_prompt` needs no transformer.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -122,12 +137,26 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
         base_frame_size: Optional[int] = None,
         latent_temporal_scale: float = 0.6,
         max_text_length: Optional[int] = None,
+        noise_level: Optional[float] = None,
+        vae_scale_factor_temporal: Optional[int] = None,
+        vae_scale_factor_spatial: Optional[int] = None,
     ):
         super().__init__()
         self.register_modules(
             transformer=transformer, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae
         )
         parse_aspect_ratio(default_aspect_ratio)
+        if vae is not None:
+            vae_scale_factor_temporal = vae.config.scale_factor_temporal
+            vae_scale_factor_spatial = vae.config.scale_factor_spatial
+        else:
+            pixels = transformer is not None and transformer.config.in_channels == PIXEL_CHANNELS
+            vae_scale_factor_temporal = vae_scale_factor_temporal or (1 if pixels else WAN_VAE_SCALE_FACTORS[0])
+            vae_scale_factor_spatial = vae_scale_factor_spatial or (1 if pixels else WAN_VAE_SCALE_FACTORS[1])
+        self.vae_scale_factor_temporal = vae_scale_factor_temporal
+        self.vae_scale_factor_spatial = vae_scale_factor_spatial
+        if base_frame_size is None and transformer is not None:
+            base_frame_size = transformer.config.sample_size * vae_scale_factor_spatial * transformer.config.patch_size
         self.register_to_config(
             fps_conditioning=fps_conditioning,
             noise_level_conditioning=noise_level_conditioning,
@@ -135,10 +164,10 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
             default_aspect_ratio=default_aspect_ratio,
             base_frame_size=base_frame_size,
             latent_temporal_scale=latent_temporal_scale,
-            max_text_length=max_text_length,
+            vae_scale_factor_temporal=vae_scale_factor_temporal,
+            vae_scale_factor_spatial=vae_scale_factor_spatial,
+            **self.standalone_text_settings(transformer, noise_level, max_text_length),
         )
-        self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 1
-        self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 1
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
     # ---- text ------------------------------------------------------------------------------------------
@@ -242,15 +271,17 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
 
     def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents -> model space: per-channel normalisation, then frames 1.. scaled (spec section 7)."""
-        if self.vae is None:
+        if self.models_pixels:
             return latents
+        self._require_vae("Normalising VAE latents")
         mean, std = self._vae_stats(latents)
         latents = (latents - mean) / std
         return torch.cat([latents[:, :, :1], latents[:, :, 1:] * self.config.latent_temporal_scale], dim=2)
 
     def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
+        if self.models_pixels:
             return latents
+        self._require_vae("Denormalising model-space latents")
         latents = torch.cat([latents[:, :, :1], latents[:, :, 1:] / self.config.latent_temporal_scale], dim=2)
         mean, std = self._vae_stats(latents)
         return latents * std + mean
@@ -405,8 +436,9 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
         as `decode_latents` decodes them together."""
         if output_type == "latent":
             return lambda latents: latents
-        if self.vae is None:
+        if self.models_pixels:
             return lambda latents: self.decode_latents(latents, output_type)
+        self._require_vae(f"`output_type={output_type!r}`")
         vae = self.vae
         if not isinstance(vae, AutoencoderKLWan):
             raise ValueError(f"Streaming decodes with the Wan VAE's causal feature cache; got a {type(vae).__name__}.")
@@ -484,8 +516,9 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
         4k+1 is trimmed to the longest 4k+1 prefix (with a warning)."""
         frames = integer_pixels_to_unit_range(frames, name)
         pixels = self.video_processor.preprocess_video(frames, height, width, resize_mode="crop")
-        if self.vae is None:
+        if self.models_pixels:
             return pixels.to(self._execution_device, torch.float32)
+        self._require_vae("Encoding pixel frames (pass model-space latents instead)")
         if (pixels.shape[2] - 1) % self.vae_scale_factor_temporal:
             keep = (pixels.shape[2] - 1) // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
             logger.warning(f"The video has {pixels.shape[2]} frames; using its first {keep} (4k+1).")
@@ -563,9 +596,10 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
     def decode_latents(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
             return latents
-        if self.vae is None:
+        if self.models_pixels:
             video = latents.clamp(-1, 1)
         else:
+            self._require_vae(f"`output_type={output_type!r}`")
             vae_latents = self.denormalize_latents(latents).to(self.vae.dtype)
             video = self.vae.decode(vae_latents, return_dict=False)[0]
         return self.video_processor.postprocess_video(video.float(), output_type=output_type)

@@ -115,7 +115,7 @@ class StarFlowVImageToVideoPipeline(StarFlowVPipeline):
         frames = self._load_frames(image, video)
         if frames is not None:  # layout, channels and range, before any encoding
             frames = integer_pixels_to_unit_range(frames, "image" if image is not None else "video")
-        if frames is not None and self.vae is None and channels != 3:
+        if frames is not None and self.vae is None and not self.models_pixels:
             raise ValueError("Encoding `image`/`video` needs a VAE; pass `image_latents`/`video_latents` instead.")
         denoise = self._start_call(guidance_scale, attention_kwargs, denoise)
         device = self._execution_device

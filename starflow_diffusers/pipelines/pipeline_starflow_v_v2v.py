@@ -94,7 +94,7 @@ class StarFlowVVideoToVideoPipeline(StarFlowVPipeline):
 
         if video_latents is None:
             frames = self.load_video_frames(video)
-            if self.vae is None and channels != 3:
+            if self.vae is None and not self.models_pixels:
                 raise ValueError("Encoding `video` needs a VAE; pass `video_latents` instead.")
             if height is None or width is None:
                 height, width, aspect_ratio = self._default_size_for_frames(frames, height, width, aspect_ratio)

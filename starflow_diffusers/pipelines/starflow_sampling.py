@@ -29,6 +29,8 @@ logger = logging.get_logger(__name__)
 TRAINED_ASPECT_RATIOS = ("1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21")
 DENOISE_MODES = ("auto", "learned", "score", "none")
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+# A transformer with this many input channels models RGB pixels; any other count models VAE latents.
+PIXEL_CHANNELS = 3
 
 
 def integer_pixels_to_unit_range(images, name: str = "image"):
@@ -134,8 +136,9 @@ class StarFlowSamplingMixin:
     at the start of a call (`_start_call`).
 
     The text helpers expect optional `tokenizer`/`text_encoder`/`vae` components, a `vae_scale_factor_spatial`
-    attribute and the config entries `noise_level_conditioning`, `aspect_ratio_conditioning`,
-    `default_aspect_ratio`, `base_frame_size` and `max_text_length`."""
+    attribute and the config entries `noise_level_conditioning`, `noise_level`, `aspect_ratio_conditioning`,
+    `default_aspect_ratio`, `base_frame_size` and `max_text_length`. Pipelines register the last ones at
+    `__init__` (`standalone_text_settings`), so the text helpers need no transformer."""
 
     # ---- properties diffusers users rely on ----------------------------------------------------------
 
@@ -161,12 +164,32 @@ class StarFlowSamplingMixin:
 
     @property
     def noise_std(self) -> float:
-        if self.transformer is None:
-            raise ValueError(
-                "The prompt template's noise level comes from the transformer's `noise_std`; this pipeline has no "
-                "transformer (or turn off `noise_level_conditioning`)."
-            )
+        """The transformer's training noise sigma, which sampling, denoising and the likelihood use."""
         return float(self.transformer.config.noise_std)
+
+    @property
+    def models_pixels(self) -> bool:
+        """Whether the transformer models RGB pixels rather than VAE latents: a property of its config, not of
+        whether a VAE is loaded (a latent model loaded with `vae=None` still works in latent space)."""
+        return self.transformer.config.in_channels == PIXEL_CHANNELS
+
+    @staticmethod
+    def standalone_text_settings(
+        transformer, noise_level: Optional[float], max_text_length: Optional[int]
+    ) -> Dict[str, Any]:
+        """The prompt template's noise level and the padding length, from the arguments or else from the
+        transformer, for the pipeline's config: `encode_prompt` then needs only the tokenizer and text encoder."""
+        if transformer is not None:
+            noise_level = float(transformer.config.noise_std) if noise_level is None else noise_level
+            max_text_length = max_text_length or transformer.config.max_text_length
+        return dict(noise_level=noise_level, max_text_length=max_text_length)
+
+    def _require_vae(self, what: str) -> None:
+        if self.vae is None:
+            raise ValueError(
+                f"{what} needs the VAE: this pipeline was loaded without one and its transformer models "
+                f"{self.transformer.config.in_channels}-channel latents, not pixels."
+            )
 
     @property
     def spatial_multiple(self) -> int:
@@ -215,7 +238,12 @@ class StarFlowSamplingMixin:
             if fps is not None:
                 text = f"A video with {fps} fps:\n{text}\n" if fps > 0 else f"An image:\n{text}\n"
             if self.config.noise_level_conditioning:
-                text = f"Noise Level {int(self.noise_std * 1000)}:\n{text}"
+                if self.config.noise_level is None:
+                    raise ValueError(
+                        "The prompt template states the noise level: set `noise_level` in the pipeline config, "
+                        "or load the pipeline with its transformer."
+                    )
+                text = f"Noise Level {int(self.config.noise_level * 1000)}:\n{text}"
             if self.config.aspect_ratio_conditioning and aspect_ratio is not None:
                 text = f"{text}\n in a {aspect_ratio} aspect ratio.\n"
             out.append(text)
@@ -305,8 +333,11 @@ class StarFlowSamplingMixin:
             raise ValueError(f"`denoise` must be one of {DENOISE_MODES}, got {denoise!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if output_type != "latent" and self.vae is None and self.transformer.config.in_channels != 3:
-            raise ValueError("This pipeline has no VAE and its latents are not RGB; use `output_type='latent'`.")
+        if output_type != "latent" and self.vae is None and not self.models_pixels:
+            raise ValueError(
+                f"`output_type={output_type!r}` decodes with the VAE, and this pipeline has none (its transformer "
+                f"models latents, not pixels); use `output_type='latent'` or load the VAE."
+            )
         channels = self.transformer.config.in_channels
         if latents is not None and (latents.ndim != 2 + len(latent_axes) or latents.shape[1] != channels):
             raise ValueError(f"`latents` must be (batch, {channels}, {', '.join(latent_axes)}), got {tuple(latents.shape)}.")

@@ -7,13 +7,15 @@ import torch
 
 from .models.transformer_starflow_v import StarFlowVTransformer
 from .schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
+from .pipelines.prompt_template import TEMPLATE_WORDS
 from .training.text import word_level_tokenizer
 
-TINY_VOCABULARY = (
+# the test prompts' words, then the template's (`format_prompt`'s lines and caption prefixes)
+TINY_VOCABULARY = tuple(dict.fromkeys((
     "a an the video with fps image noise level in aspect ratio of and on is "
     "red green blue yellow white black circle square triangle moving left right up down background "
     "cat dog corgi running beach sunset at"
-).split()
+).split() + list(TEMPLATE_WORDS)))
 
 
 def tiny_tokenizer(vocabulary: Iterable[str] = TINY_VOCABULARY):

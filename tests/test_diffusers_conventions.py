@@ -75,8 +75,8 @@ def test_the_original_batch_rule_is_an_explicit_setting_and_couples_the_batch():
     pipe.scheduler = JacobiFlowScheduler.from_config(pipe.scheduler.config, convergence="batch")
     kwargs = dict(height=2, width=2, num_frames=3, guidance_scale=2.0, output_type="latent")
     batched = pipe(PROMPTS, generator=_generators([1, 2]), **kwargs).frames
-    first = pipe(PROMPTS[0], generator=_generators([1])[0], **kwargs).frames
-    assert (batched[:1] - first).abs().max() > 1e-4
+    singles = [pipe(p, generator=_generators([s])[0], **kwargs).frames for p, s in zip(PROMPTS, [1, 2])]
+    assert (batched - torch.cat(singles)).abs().max() > 1e-4
 
 
 @pytest.mark.slow
@@ -146,3 +146,61 @@ def test_a_latent_model_without_a_vae_or_configured_factors_falls_back_to_wan22(
     image = tiny_image_pipeline_components()
     image["vae"] = None
     assert StarFlowPipeline(**image).vae_scale_factor == 8
+
+
+# ---- the prompt template has one owner --------------------------------------------------------------------
+
+
+def test_template_words_cover_every_line_of_the_template():
+    from starflow_diffusers.pipelines.prompt_template import (
+        EXTEND_CAPTION_PREFIX,
+        TEMPLATE_WORDS,
+        V2V_CAPTION_PREFIX,
+        format_prompt,
+    )
+    from starflow_diffusers.testing_utils import TINY_VOCABULARY
+    from starflow_diffusers.training.text import word_level_tokenizer
+
+    tokenizer = word_level_tokenizer(TEMPLATE_WORDS)
+    texts = [
+        format_prompt(EXTEND_CAPTION_PREFIX + V2V_CAPTION_PREFIX, fps=16, noise_level=0.5, aspect_ratio="16:9"),
+        format_prompt("", fps=0),
+    ]
+    for text in texts:
+        assert tokenizer.unk_token_id not in tokenizer(text).input_ids, text
+    assert set(TEMPLATE_WORDS) <= set(TINY_VOCABULARY)
+
+
+def test_the_pipelines_use_the_shared_template(saved_latent_pipeline):
+    from starflow_diffusers.pipelines.prompt_template import format_prompt
+
+    pipe, _ = saved_latent_pipeline
+    expected = format_prompt("a dog", fps=8, noise_level=pipe.transformer.config.noise_std, aspect_ratio="4:5")
+    assert pipe.apply_prompt_template(["a dog"], 8, "4:5") == [expected]
+    image = StarFlowPipeline(**tiny_image_pipeline_components(), noise_level_conditioning=True, aspect_ratio_conditioning=True)
+    assert image.apply_prompt_template(["a dog"], "1:1") == [format_prompt("a dog", noise_level=0.3, aspect_ratio="1:1")]
+
+
+# ---- docstrings like diffusers' ----------------------------------------------------------------------------
+
+
+def _example_code(pipeline_class) -> str:
+    doc = pipeline_class.__call__.__doc__
+    assert "Returns:" in doc and "```py" in doc, pipeline_class.__name__
+    block = doc.split("```py", 1)[1].split("```", 1)[0]
+    lines = [line.strip() for line in block.splitlines() if line.strip().startswith((">>>", "..."))]
+    return "\n".join(line[4:] for line in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline_class", [StarFlowVPipeline, StarFlowVImageToVideoPipeline, StarFlowVVideoToVideoPipeline])
+def test_the_call_example_runs_with_the_bundled_model(pipeline_class, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_example_code(pipeline_class), f"<{pipeline_class.__name__} example>", "exec"), {})
+    videos = list(tmp_path.glob("*.mp4"))
+    assert len(videos) == 1 and videos[0].stat().st_size > 0
+
+
+def test_the_image_example_is_valid_python():
+    # it needs the converted 3B model, which cannot be downloaded here
+    compile(_example_code(StarFlowPipeline), "<StarFlowPipeline example>", "exec")

@@ -8,7 +8,6 @@ optionally denoised (learned denoiser or one score step) and decoded by the Wan 
 
 import math
 import os
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -19,13 +18,14 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify as wan_unpatchify
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.utils import BaseOutput, load_video, logging
+from diffusers.utils import load_video, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
 from ..loaders import StarFlowVLoraLoaderMixin
 from ..models.transformer_starflow_v import StarFlowVTransformer
 from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
+from .pipeline_output import StarFlowVInversionOutput, StarFlowVPipelineOutput
 from .starflow_sampling import (
     PIXEL_CHANNELS,
     StarFlowSamplingMixin,
@@ -47,46 +47,20 @@ WAN_VAE_SCALE_FACTORS = (4, 16)
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
-        >>> import torch
         >>> from diffusers.utils import export_to_video
-        >>> from starflow_diffusers import StarFlowVPipeline
+        >>> from starflow_diffusers import BUNDLED_MODEL, StarFlowVPipeline
 
-        >>> pipe = StarFlowVPipeline.from_pretrained("path/to/starflow-v-7b", torch_dtype=torch.bfloat16).to("cuda")
-        >>> video = pipe("a corgi running on the beach at sunset", guidance_scale=4.5).frames[0]
-        >>> export_to_video(video, "corgi.mp4", fps=16)
+        >>> # the bundled tiny model (32x32 moving shapes); for the converted 7B use its folder with
+        >>> # torch_dtype=torch.bfloat16, then .to("cuda") or pipe.enable_model_cpu_offload()
+        >>> pipe = StarFlowVPipeline.from_pretrained(BUNDLED_MODEL)
+        >>> video = pipe("a red circle moving right", guidance_scale=3.0).frames[0]
+        >>> export_to_video(video, "circle.mp4", fps=16)
         ```
 """
 
 
-@dataclass
-class StarFlowVInversionOutput(BaseOutput):
-    """
-    Args:
-        noise (`torch.Tensor`): z = f(x), (B, C, T, H, W), the exact preimage of the input under the flow.
-        log_likelihood (`torch.Tensor`): (B,) log p(x) in nats of the (noise-augmented) model-space latents.
-        bits_per_dim (`torch.Tensor`): (B,) -log2 p(x) per dimension.
-        latents (`torch.Tensor`): the model-space latents x that were mapped.
-    """
-
-    noise: torch.Tensor
-    log_likelihood: torch.Tensor
-    bits_per_dim: torch.Tensor
-    latents: torch.Tensor
-
-
 # Files `load_video_frames` refuses as videos (diffusers' `load_video` would read them as one frame).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
-
-@dataclass
-class StarFlowVPipelineOutput(BaseOutput):
-    """
-    Args:
-        frames: (B, T, H, W, 3) np array or list of PIL frame lists in [0, 1], a (B, T, 3, H, W) tensor
-            for `output_type="pt"`, or the (B, C, T, H, W) latents for `output_type="latent"`.
-    """
-
-    frames: Union[torch.Tensor, np.ndarray, List[List[Any]]]
 
 
 class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLoaderMixin):
@@ -289,6 +263,7 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
     # ---- call -------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: Union[str, List[str], None] = None,
@@ -344,6 +319,10 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
                 (see [`~StarFlowVPipeline.stream`]); `return_dict` is then ignored.
 
         Examples:
+
+        Returns:
+            [`StarFlowVPipelineOutput`] with `frames` (see `output_type`), or a tuple `(frames,)` when
+            `return_dict` is False; with `stream=True`, an iterator of frame groups as they become final.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs

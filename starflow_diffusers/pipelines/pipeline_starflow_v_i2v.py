@@ -15,16 +15,30 @@ import PIL.Image
 import torch
 
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.utils import load_image, logging
+from diffusers.utils import load_image, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipeline_starflow_v import StarFlowVPipeline, StarFlowVPipelineOutput
+from .pipeline_output import StarFlowVPipelineOutput
+from .pipeline_starflow_v import StarFlowVPipeline
+from .prompt_template import EXTEND_CAPTION_PREFIX
 from .starflow_sampling import check_finite, integer_pixels_to_unit_range
 
 
 logger = logging.get_logger(__name__)
 
-EXTEND_CAPTION_PREFIX = "(extend) "
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import PIL.Image
+        >>> from diffusers.utils import export_to_video
+        >>> from starflow_diffusers import BUNDLED_MODEL, StarFlowVImageToVideoPipeline
+
+        >>> pipe = StarFlowVImageToVideoPipeline.from_pretrained(BUNDLED_MODEL)
+        >>> first_frame = PIL.Image.new("RGB", (32, 32), "gray")  # or diffusers.utils.load_image(path)
+        >>> video = pipe(first_frame, "a blue square moving down", guidance_scale=3.0).frames[0]
+        >>> export_to_video(video, "square.mp4", fps=16)
+        ```
+"""
 
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
 
@@ -49,6 +63,7 @@ class StarFlowVImageToVideoPipeline(StarFlowVPipeline):
         return None
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         image: Optional[ImageInput] = None,
@@ -93,6 +108,12 @@ class StarFlowVImageToVideoPipeline(StarFlowVPipeline):
             extend_caption_prefix (`bool`): prepend "(extend) " to the prompts, for checkpoints trained with
                 it for extension.
             num_frames (`int`, *optional*): total pixel frames of the output, conditioning frames included.
+
+        Examples:
+
+        Returns:
+            [`StarFlowVPipelineOutput`] with `frames` (the conditioning frames included), or a tuple
+            `(frames,)` when `return_dict` is False.
         """
         given = [n for n, v in (("image", image), ("image_latents", image_latents), ("video", video), ("video_latents", video_latents)) if v is not None]
         if len(given) != 1:

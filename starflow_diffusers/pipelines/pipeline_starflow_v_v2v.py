@@ -15,17 +15,34 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.utils import logging
+from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipeline_starflow_v import StarFlowVPipeline, StarFlowVPipelineOutput
+from .pipeline_output import StarFlowVPipelineOutput
+from .pipeline_starflow_v import StarFlowVPipeline
+from .prompt_template import V2V_CAPTION_PREFIX
 from .starflow_sampling import check_finite
 
 
 logger = logging.get_logger(__name__)
 
-V2V_CAPTION_PREFIX = "(v2v) "
 V2V_MODES = ("edit", "prefix")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from diffusers.utils import export_to_video
+        >>> from starflow_diffusers import BUNDLED_MODEL, StarFlowVPipeline, StarFlowVVideoToVideoPipeline
+
+        >>> pipe = StarFlowVVideoToVideoPipeline.from_pretrained(BUNDLED_MODEL)
+        >>> # any clip: a file path, frames from diffusers.utils.load_video, or an array
+        >>> source = StarFlowVPipeline.from_pipe(pipe)("a red circle moving right", output_type="pil").frames[0]
+        >>> edited = pipe(
+        ...     source, prompt="a green circle moving right", source_prompt="a red circle moving right", strength=0.5
+        ... ).frames[0]
+        >>> export_to_video(edited, "green.mp4", fps=16)
+        ```
+"""
 
 
 class StarFlowVVideoToVideoPipeline(StarFlowVPipeline):
@@ -34,6 +51,7 @@ class StarFlowVVideoToVideoPipeline(StarFlowVPipeline):
     """
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         video=None,
@@ -72,6 +90,12 @@ class StarFlowVVideoToVideoPipeline(StarFlowVPipeline):
             source_prompt (`str`, *optional*): "edit" only: the prompt describing the source (default:
                 `prompt`); `source_prompt_embeds` is its embedding alternative.
             Other arguments as in [`StarFlowVPipeline.__call__`]; `num_frames` is not an argument here.
+
+        Examples:
+
+        Returns:
+            [`StarFlowVPipelineOutput`] with `frames` (as many as the source has), or a tuple `(frames,)`
+            when `return_dict` is False.
         """
         if mode not in V2V_MODES:
             raise ValueError(f"`mode` must be one of {V2V_MODES}, got {mode!r}.")

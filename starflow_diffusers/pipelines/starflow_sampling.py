@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.transformer_starflow_v import DENOISER_STEP, StarFlowFlowBlock, rotary_phases
 from ..schedulers.scheduling_jacobi_flow import FlowChunk
+from .prompt_template import format_prompt
 
 
 logger = logging.get_logger(__name__)
@@ -233,21 +234,16 @@ class StarFlowSamplingMixin:
     def _apply_template(self, prompts: List[str], aspect_ratio: Optional[str], fps: Optional[int] = None) -> List[str]:
         """The conditioning template of the released models (spec section 6), in its order: the fps line
         (only when `fps` is not None), then the noise level and the aspect ratio as the config enables them."""
-        out = []
-        for text in prompts:
-            if fps is not None:
-                text = f"A video with {fps} fps:\n{text}\n" if fps > 0 else f"An image:\n{text}\n"
-            if self.config.noise_level_conditioning:
-                if self.config.noise_level is None:
-                    raise ValueError(
-                        "The prompt template states the noise level: set `noise_level` in the pipeline config, "
-                        "or load the pipeline with its transformer."
-                    )
-                text = f"Noise Level {int(self.config.noise_level * 1000)}:\n{text}"
-            if self.config.aspect_ratio_conditioning and aspect_ratio is not None:
-                text = f"{text}\n in a {aspect_ratio} aspect ratio.\n"
-            out.append(text)
-        return out
+        noise_level = None
+        if self.config.noise_level_conditioning:
+            noise_level = self.config.noise_level
+            if noise_level is None:
+                raise ValueError(
+                    "The prompt template states the noise level: set `noise_level` in the pipeline config, "
+                    "or load the pipeline with its transformer."
+                )
+        aspect_ratio = aspect_ratio if self.config.aspect_ratio_conditioning else None
+        return [format_prompt(text, fps, noise_level, aspect_ratio) for text in prompts]
 
     def _encode_prompt_pair(
         self,

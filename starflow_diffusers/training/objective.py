@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.transformer_starflow_v import StarFlowVTransformer, StarFlowVTransformerOutput
-from ..pipelines.pipeline_starflow_v_i2v import EXTEND_CAPTION_PREFIX
+from ..pipelines.prompt_template import EXTEND_CAPTION_PREFIX
 
 
 # Noise level the sigma / 0.3 loss weight is relative to (the original `cond_noise_level` training).

@@ -85,8 +85,6 @@ TRAINING_DEFAULTS: Dict[str, Any] = {
     "validation_guidance_scale": 3.0,
     "report_to": "auto",
 }
-# words of the prompt template and caption prefixes, so a model trained without them still tokenizes them
-TEMPLATE_WORDS = ("a", "an", "video", "with", "fps", "image", "noise", "level", "in", "aspect", "ratio", "extend", "v2v", "(", ")", ".")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,6 +313,8 @@ def caption_vocabulary(config: Dict[str, Any]) -> List[str]:
         from .data import scan_data_dir
 
         words = sorted({word.lower() for item in scan_data_dir(config["data"]["data_dir"]) for word in item.caption.split()})
+    from ..pipelines.prompt_template import TEMPLATE_WORDS
+
     return words + [w for w in TEMPLATE_WORDS if w not in words]
 
 

@@ -342,3 +342,82 @@ def convert_original_checkpoint(
         converted = {k: v.to(torch_dtype) for k, v in converted.items()}
     model.load_state_dict(converted, strict=True, assign=True)
     return model.eval()
+
+
+def _single_file_config(checkpoint_path: str, config: Optional[str]) -> Tuple[Optional[Dict[str, Any]], Dict[str, Any]]:
+    """(original YAML arguments or None, `StarFlowVTransformer` config) for `from_single_file`'s `config`: an
+    original YAML, a diffusers transformer folder or its config.json, or None for a YAML beside the checkpoint
+    with the same name."""
+    if config is None:
+        stem = os.path.splitext(checkpoint_path)[0]
+        found = [stem + ext for ext in (".yaml", ".yml") if os.path.isfile(stem + ext)]
+        if not found:
+            raise ConversionError(
+                f"`config` is needed for {checkpoint_path}: the original YAML, or a diffusers transformer folder "
+                f"(no {os.path.basename(stem)}.yaml beside the checkpoint)."
+            )
+        config = found[0]
+    if os.path.isdir(config) or str(config).endswith(".json"):
+        folder = config if os.path.isdir(config) else os.path.dirname(os.path.abspath(config))
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ConversionError(f"`config` {config!r} is neither an original YAML nor a folder with config.json.")
+        values = StarFlowVTransformer.load_config(folder)
+        return None, {k: v for k, v in values.items() if not k.startswith("_")}
+    if not str(config).endswith((".yaml", ".yml")) or not os.path.isfile(config):
+        raise ConversionError(f"`config` {config!r} must be an original .yaml file, a diffusers folder or a config.json.")
+    return load_original_config(config), {}
+
+
+def transformer_from_single_file(
+    checkpoint_path: str, config: Optional[str] = None, torch_dtype: Optional[torch.dtype] = None
+) -> Tuple[StarFlowVTransformer, Optional[Dict[str, Any]]]:
+    """`StarFlowVTransformer.from_single_file`: the model, and the original YAML arguments when it had them.
+
+    The checkpoint (original keys, or this package's keys in a diffusers config's model) is unpickled
+    weights-only and memory-mapped; its tensors go straight into a meta-initialised model."""
+    if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+        raise ConversionError(f"`torch_dtype` must be a torch.dtype (e.g. torch.bfloat16), got {torch_dtype!r}.")
+    args, model_config = _single_file_config(checkpoint_path, config)
+    state = load_original_state_dict(checkpoint_path)
+    if args is not None:
+        model_config = transformer_config_from_original(args, text_width_from_state_dict(state, int(args["blocks"])))
+    model = build_empty_model(model_config)
+    own_keys = set(model.state_dict())
+    converted = dict(state) if set(state) == own_keys else convert_state_dict(state)
+    check_against_model(converted, model)
+    if torch_dtype is not None:
+        converted = {k: v.to(torch_dtype) for k, v in converted.items()}
+    model.load_state_dict(converted, strict=True, assign=True)
+    return model.eval(), args
+
+
+def default_scheduler_config(transformer_config: Mapping[str, Any]) -> Dict[str, Any]:
+    """Scheduler settings consistent with the model: the released context (16 frames) where the trained
+    window allows it, else one frame less than the window, so that long videos work as written."""
+    from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
+
+    window = transformer_config.get("trained_latent_frames")
+    context = JacobiFlowScheduler().config.context_frames
+    return dict(context_frames=min(context, window - 1) if window and window > 1 else context)
+
+
+def pipeline_from_single_file(pipeline_class, checkpoint_path: str, config: Optional[str], torch_dtype, components):
+    """`from_single_file` of a STARFlow pipeline class: the transformer from the checkpoint, the pipeline
+    config from the original YAML (when given), a scheduler consistent with the model, and `components`."""
+    from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
+
+    allowed = {"scheduler", "vae", "text_encoder", "tokenizer"}
+    unknown = sorted(set(components) - allowed)
+    if unknown:
+        raise ConversionError(f"unknown argument(s) {', '.join(unknown)}; components are {', '.join(sorted(allowed))}.")
+    transformer, args = transformer_from_single_file(checkpoint_path, config, torch_dtype)
+    wants_video = pipeline_class.__name__.startswith("StarFlowV")
+    if transformer.config.is_video != wants_video:
+        kind = "a video" if transformer.config.is_video else "an image"
+        raise ConversionError(
+            f"{checkpoint_path} is {kind} model; load it with "
+            f"{'StarFlowVPipeline' if transformer.config.is_video else 'StarFlowPipeline'}.from_single_file."
+        )
+    scheduler = components.pop("scheduler", None) or JacobiFlowScheduler(**default_scheduler_config(transformer.config))
+    pipeline_config = pipeline_config_from_original(args) if args is not None else {}
+    return pipeline_class(transformer=transformer, scheduler=scheduler, **components, **pipeline_config)

@@ -24,6 +24,7 @@ from .convert_starflow import (
     ConversionError,
     build_empty_model,
     check_against_model,
+    default_scheduler_config,
     load_and_convert_original,
     load_original_config,
     pipeline_config_from_original,
@@ -362,11 +363,7 @@ def convert_checkpoint_to_pipeline_folder(
     pipeline_config = pipeline_config_from_original(load_original_config(config_path))
     components = load_pipeline_components(config, vae_path, text_encoder_path, tokenizer_path, torch_dtype)
     pipeline_class = StarFlowVPipeline if config["is_video"] else StarFlowPipeline
-    # the released context (16 frames) where the window allows it, else one frame less than the window, so
-    # that long videos work with the written settings
-    window = config.get("trained_latent_frames")
-    context = JacobiFlowScheduler().config.context_frames
-    scheduler = JacobiFlowScheduler(context_frames=min(context, window - 1) if window and window > 1 else context)
+    scheduler = JacobiFlowScheduler(**default_scheduler_config(config))
     # a meta-device transformer: the pipeline object only serves to write model_index.json
     pipeline = pipeline_class(transformer=build_empty_model(config), scheduler=scheduler, **components, **pipeline_config)
     with staged_output_directory(output_dir, overwrite, inputs) as staging:

@@ -1048,6 +1048,36 @@ class StarFlowVTransformer(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterM
         return 0.5 * z.pow(2).flatten(1).mean(1) - output.logdet / per_sample
 
     @classmethod
+    def from_single_file(
+        cls, checkpoint_path: str, config: Optional[str] = None, torch_dtype: Optional[torch.dtype] = None
+    ) -> "StarFlowVTransformer":
+        r"""
+        Load an original STARFlow / STARFlow-V checkpoint (Apple's `.pth`, or a `.safetensors` of the same
+        state dict) without converting it to a folder first, as diffusers' `from_single_file` does for other
+        original checkpoints.
+
+        Args:
+            checkpoint_path (`str`): the local checkpoint file.
+            config (`str`, *optional*): the original training YAML, or a diffusers transformer folder (or its
+                config.json); default: the `.yaml` beside the checkpoint with the same name.
+            torch_dtype (`torch.dtype`, *optional*): dtype of the weights; default: as stored.
+
+        The file is unpickled weights-only (a pickle holding anything but tensors is refused) and memory-mapped,
+        and its tensors are assigned into a model built on the meta device, so peak memory stays near one copy
+        of the weights. Keys and shapes are checked against the config; errors name every offending key.
+
+        Examples:
+            ```py
+            >>> transformer = StarFlowVTransformer.from_single_file(
+            ...     "starflow-v_7B_t2v_caus_480p.pth", config="starflow-v_7B_t2v_caus_480p.yaml", torch_dtype=torch.bfloat16
+            ... )
+            ```
+        """
+        from ..conversion.convert_starflow import transformer_from_single_file
+
+        return transformer_from_single_file(checkpoint_path, config, torch_dtype)[0]
+
+    @classmethod
     def nll_loss(cls, output: StarFlowVTransformerOutput, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Training loss: per-sample NLL (see `nll_per_sample`), times optional (B,) weights, batch mean."""
         loss = cls.nll_per_sample(output)

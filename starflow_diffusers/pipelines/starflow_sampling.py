@@ -141,6 +141,35 @@ class StarFlowSamplingMixin:
     `default_aspect_ratio`, `base_frame_size` and `max_text_length`. Pipelines register the last ones at
     `__init__` (`standalone_text_settings`), so the text helpers need no transformer."""
 
+    @classmethod
+    def from_single_file(
+        cls, checkpoint_path: str, config: Optional[str] = None, torch_dtype: Optional[torch.dtype] = None, **components
+    ):
+        r"""
+        A pipeline around an original checkpoint file (see [`StarFlowVTransformer.from_single_file`] for
+        `checkpoint_path`, `config` and `torch_dtype`). With the original YAML as `config`, its conditioning
+        settings become the pipeline config, as `starflow-convert` writes them. `components` are the other
+        parts: `vae`, `text_encoder`, `tokenizer` (e.g. loaded with their own `from_pretrained`) and
+        `scheduler` (default: one consistent with the model).
+
+        Examples:
+            ```py
+            >>> from diffusers import AutoencoderKLWan
+            >>> from transformers import AutoTokenizer, T5EncoderModel
+
+            >>> pipe = StarFlowVPipeline.from_single_file(
+            ...     "starflow-v_7B_t2v_caus_480p.pth", config="starflow-v_7B_t2v_caus_480p.yaml",
+            ...     torch_dtype=torch.bfloat16,
+            ...     vae=AutoencoderKLWan.from_pretrained("Wan-AI/Wan2.2-TI2V-5B-Diffusers", subfolder="vae"),
+            ...     text_encoder=T5EncoderModel.from_pretrained("google/flan-t5-xl", torch_dtype=torch.bfloat16),
+            ...     tokenizer=AutoTokenizer.from_pretrained("google/flan-t5-xl"),
+            ... )
+            ```
+        """
+        from ..conversion.convert_starflow import pipeline_from_single_file
+
+        return pipeline_from_single_file(cls, checkpoint_path, config, torch_dtype, components)
+
     # ---- properties diffusers users rely on ----------------------------------------------------------
 
     @property

@@ -242,7 +242,7 @@ def test_image_likelihood_of_an_empty_list(t2i, no_network):
 # ---- a diverging solve -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["jacobi", "sequential"])
+@pytest.mark.parametrize("mode", ["jacobi", "adaptive", "sequential"])
 def test_a_diverging_solve_raises_at_the_first_bad_chunk(monkeypatch, mode):
     """A block that starts producing NaN (e.g. a broken fine-tune) stops the solve at that chunk with an
     error naming the block, instead of a NaN video after the full solve."""

@@ -503,6 +503,11 @@ class StarFlowSamplingMixin:
         converged with while the others go on, so its values and cache entries stay those of its converging
         iteration: exactly what it would get alone."""
         scheduler = self.scheduler
+        threshold = scheduler.threshold_for(block_index in (-1, len(self.transformer.blocks) - 1))
+        if scheduler.config.mode == "adaptive":
+            return self._solve_chunk_adaptive(
+                block_index, chunk, state, noise, cache, rotary, guidance_weight, cfg_batch, threshold
+            )
         dtype = self.compute_dtype
         replay = scheduler.config.convergence == "sample" and state.shape[0] > 1
         converged, converged_inputs = None, None
@@ -518,16 +523,59 @@ class StarFlowSamplingMixin:
             params = self.transformer.evaluate_block(
                 block_index, _guidance_batch(inputs, cfg_batch).to(dtype), cache, rotary, prepend_sos=prepend_sos
             )
-            output = scheduler.step(params, chunk, state, noise, iteration, guidance_weight)
+            output = scheduler.step(params, chunk, state, noise, iteration, guidance_weight, threshold=threshold)
             if output.diverged:
                 raise FlowSolveDivergedError(block_index, len(self.transformer.blocks), chunk, iteration)
             if output.converged:
                 return
             if replay:
-                below = output.residual < scheduler.config.threshold
+                below = output.residual < threshold
                 converged = below if converged is None else converged | below
                 converged_inputs = inputs
             cache.truncate(length)
+
+    def _solve_chunk_adaptive(
+        self, block_index: int, chunk: FlowChunk, state, noise, cache, rotary, guidance_weight: float, cfg_batch: bool,
+        threshold: float,
+    ) -> None:
+        """`mode="adaptive"`: a sliding window per sequence over the chunk; see `JacobiFlowScheduler`.
+
+        One network call evaluates the union of the sequences' windows. A sequence whose frontier is ahead of
+        the others is fed, at its committed positions, the inputs it committed them with, so its values and
+        cache entries are what it would get alone."""
+        scheduler = self.scheduler
+        dtype = self.compute_dtype
+        if chunk.warm_start_offset:
+            offset = chunk.warm_start_offset
+            for first in range(chunk.start, chunk.end, offset):
+                last = min(first + offset, chunk.end)
+                state[:, first:last] = state[:, first - offset : last - offset]
+        batch = state.shape[0]
+        frontier = torch.full((batch,), chunk.start, dtype=torch.long, device=state.device)
+        evaluations = torch.zeros(state.shape[:2], dtype=torch.int32, device=state.device)
+        fed = torch.empty_like(state)  # fed[:, p]: the input token position p was last evaluated with
+        base = cache.length
+        lowest = chunk.start
+        while lowest < chunk.end:
+            highest = int(scheduler.window_ends(chunk, frontier).max())
+            first = max(lowest, 1)  # position 0's input is the SOS vector, which the block puts in front
+            inputs = state[:, first - 1 : highest - 1]
+            if batch > 1:
+                positions = torch.arange(first, highest, device=state.device)
+                committed = (positions[None] < frontier[:, None])[..., None]
+                inputs = torch.where(committed, fed[:, first:highest], inputs)
+            fed[:, first:highest] = inputs
+            cache.truncate(base + lowest - chunk.start)
+            params = self.transformer.evaluate_block(
+                block_index, _guidance_batch(inputs, cfg_batch).to(dtype), cache, rotary, prepend_sos=lowest == 0
+            )
+            output = scheduler.step_adaptive(
+                params, chunk, state, noise, lowest, frontier, evaluations, guidance_weight, threshold=threshold
+            )
+            if output.diverged:
+                raise FlowSolveDivergedError(block_index, len(self.transformer.blocks), chunk, int(evaluations.max()))
+            frontier = torch.tensor(output.frontier, dtype=torch.long, device=state.device)
+            lowest = min(output.frontier)
 
     def invert_shallow_blocks(self, tokens: torch.Tensor, grid) -> torch.Tensor:
         """Invert shallow blocks K-2 ... 0 (no text, no guidance); tokens are (B, T, F, D) float32."""

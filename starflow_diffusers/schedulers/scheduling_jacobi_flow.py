@@ -9,7 +9,14 @@ has converged; if not, the pipeline rolls its cache back and evaluates the chunk
 * `mode="sequential"`: one token per chunk and one evaluation: the exact autoregressive inverse.
 * `mode="jacobi"`: block-Jacobi fixed-point iteration on chunks of `block_size` tokens within the first
   frame and `later_block_multiplier * block_size` after it; iteration 0 of a later chunk may read the same
-  positions one frame earlier (`warm_start`).
+  positions one frame earlier (`warm_start`). This is the original code's algorithm.
+* `mode="adaptive"`: one chunk per latent frame, solved by a sliding window of `block_size` tokens in the
+  first frame and `later_block_multiplier * block_size` after it. Each iteration evaluates the window once
+  and commits its converged prefix: the window's first token is exact (its inputs are committed), and each
+  following token whose predecessors changed by less than `threshold` (relative squared change) is final
+  too. The window then moves past the committed tokens and takes in new ones, so a token is evaluated only
+  until it has converged, instead of until the whole chunk has. A later frame starts from the previous
+  frame's values (`warm_start`); a token evaluated `max_iterations` times is committed as it is.
 * `convergence="sample"` (the default) stops every sequence of a batch on its own residual: the pipeline
   replays a converged sequence's inputs, which leaves its values and its cache entries unchanged, so a result
   does not depend on what else is in the batch. Batched calls match single ones (as with every diffusers
@@ -38,7 +45,8 @@ class FlowChunk:
 
     `context` is the token range [start, end) to re-encode into a fresh cache before this chunk (the first
     chunk of every window after the first), else None. `warm_start_offset` > 0 means iteration 0 reads its
-    inputs that many tokens earlier.
+    inputs that many tokens earlier (`mode="jacobi"`), or that the chunk starts from the values that many
+    tokens earlier (`mode="adaptive"`).
     """
 
     start: int
@@ -46,10 +54,26 @@ class FlowChunk:
     window: int
     context: Optional[Tuple[int, int]] = None
     warm_start_offset: int = 0
+    # `mode="adaptive"`: tokens the sliding window evaluates at once
+    sliding_window: int = 0
 
     @property
     def length(self) -> int:
         return self.end - self.start
+
+
+@dataclass
+class AdaptiveFlowStepOutput(BaseOutput):
+    """
+    Args:
+        prev_sample (`torch.Tensor`): the float32 token state (B, N, D), each sequence's window updated.
+        frontier (`List[int]`): per sequence, the first token not committed yet (the chunk's end once done).
+        diverged (`bool`): the update holds a non-finite value (the solve cannot recover from it).
+    """
+
+    prev_sample: torch.Tensor
+    frontier: List[int]
+    diverged: bool = False
 
 
 @dataclass
@@ -86,15 +110,22 @@ def flow_guidance(
     return ((1 + w) * shift_c - (w * ratio) * shift_u) / denom, scale_c / denom.sqrt()
 
 
+MODES = ("jacobi", "adaptive", "sequential")
+
+
 class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
     """Plans and applies the fixed-point solve of STARFlow's autoregressive flow blocks.
 
     Args:
-        mode (`str`): "jacobi" (parallel block-Jacobi, default) or "sequential" (one token per network call).
-        block_size (`int`): tokens per Jacobi chunk inside the first frame.
-        later_block_multiplier (`int`): chunk size multiplier once a chunk starts after the first frame.
-        max_iterations (`int`): Jacobi iterations per chunk at most.
-        threshold (`float`): relative residual below which a chunk has converged.
+        mode (`str`): "jacobi" (parallel block-Jacobi, default), "adaptive" (a sliding window committing
+            converged tokens) or "sequential" (one token per network call).
+        block_size (`int`): tokens per Jacobi chunk (adaptive: per window) inside the first frame.
+        later_block_multiplier (`int`): chunk (window) size multiplier once a chunk starts after the first frame.
+        max_iterations (`int`): Jacobi iterations per chunk at most (adaptive: evaluations per token).
+        threshold (`float`): relative residual below which a chunk has converged (adaptive: per token).
+        shallow_threshold (`float`, *optional*): the threshold of the shallow blocks; None means `threshold`.
+            They are cheap (few layers, one frame each) and their solve errors reach the output as much as the
+            deep block's, so a tighter one buys fidelity for little time (docs/performance.md).
         warm_start (`bool`): start a later chunk from the same positions one frame earlier.
         local_window (`int`, *optional*): latent frames the deep block attends to; None means the model's
             trained length (`trained_latent_frames`).
@@ -119,8 +150,11 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         local_window: Optional[int] = None,
         context_frames: int = 16,
         convergence: str = "sample",
+        shallow_threshold: Optional[float] = None,
     ):
         self._validate(mode, block_size, later_block_multiplier, max_iterations, threshold, local_window, context_frames)
+        if shallow_threshold is not None and not shallow_threshold >= 0:
+            raise ValueError(f"`shallow_threshold` must be None or >= 0, got {shallow_threshold!r}.")
         if convergence not in ("batch", "sample"):
             raise ValueError(f"`convergence` must be 'batch' or 'sample', got {convergence!r}.")
         self.chunks: List[FlowChunk] = []
@@ -129,8 +163,8 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
 
     @staticmethod
     def _validate(mode, block_size, later_block_multiplier, max_iterations, threshold, local_window, context_frames):
-        if mode not in ("jacobi", "sequential"):
-            raise ValueError(f"`mode` must be 'jacobi' or 'sequential', got {mode!r}.")
+        if mode not in MODES:
+            raise ValueError(f"`mode` must be one of {', '.join(map(repr, MODES))}, got {mode!r}.")
         for name, value in (
             ("block_size", block_size),
             ("later_block_multiplier", later_block_multiplier),
@@ -148,6 +182,12 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
     @property
     def num_timesteps(self) -> int:
         return len(self.chunks)
+
+    def threshold_for(self, deep_block: bool) -> float:
+        """The convergence threshold of the deep block or of a shallow block."""
+        if deep_block or self.config.shallow_threshold is None:
+            return self.config.threshold
+        return self.config.shallow_threshold
 
     @property
     def iterations_per_chunk(self) -> int:
@@ -179,22 +219,30 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"`context_frames` ({self.config.context_frames}) must be smaller than the window ({window_frames})."
             )
-        sequential = self.config.mode == "sequential"
+        sequential, adaptive = self.config.mode == "sequential", self.config.mode == "adaptive"
         window = None if window_frames is None else window_frames * tokens_per_frame
         context = None if window is None else self.config.context_frames * tokens_per_frame
         target = total if window is None else min(total, window)
         chunks, start, index, pending_context = [], prefix_tokens, 0, None
         while True:
             while start < target:
+                later = self.config.block_size * self.config.later_block_multiplier
                 if sequential:
                     size = 1
+                elif adaptive:
+                    size = tokens_per_frame - start % tokens_per_frame  # to the end of the frame
                 elif start <= tokens_per_frame:
                     size = self.config.block_size
                 else:
-                    size = self.config.block_size * self.config.later_block_multiplier
+                    size = later
                 end = min(start + size, target)
-                warm = tokens_per_frame if (self.config.warm_start and not sequential and start > tokens_per_frame) else 0
-                chunks.append(FlowChunk(start, end, index, pending_context, warm))
+                if adaptive:
+                    warm = tokens_per_frame if self.config.warm_start and start >= tokens_per_frame else 0
+                    sliding = self.config.block_size if start < tokens_per_frame else later
+                else:
+                    warm = tokens_per_frame if (self.config.warm_start and not sequential and start > tokens_per_frame) else 0
+                    sliding = 0
+                chunks.append(FlowChunk(start, end, index, pending_context, warm, sliding))
                 pending_context = None
                 start = end
             if target >= total:
@@ -248,6 +296,7 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         iteration: int,
         guidance_weight: float = 0.0,
         return_dict: bool = True,
+        threshold: Optional[float] = None,
     ) -> Union[JacobiFlowSchedulerOutput, Tuple]:
         """One fixed-point update of `chunk`: u = shift + scale * z, written into `sample` (in place).
 
@@ -256,6 +305,7 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
                 are the [conditional; unconditional] halves, combined by `flow_guidance` with `guidance_weight`.
             sample: the (B, N, D) float32 token state; unsolved tokens hold any initial guess.
             noise: the (B, N, D) noise z being inverted.
+            threshold: the convergence threshold (`threshold_for` the block); None means `threshold`.
         """
         shift, scale = model_output
         if shift.shape[0] == 2 * sample.shape[0]:
@@ -269,8 +319,64 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         residual = (new - old).square().mean(dims) / new.square().mean(dims)
         sample[:, chunk.start : chunk.end] = new
         # one host sync for both answers
-        finite, below = torch.stack([torch.isfinite(new).all(), (residual < self.config.threshold).all()]).tolist()
+        threshold = self.config.threshold if threshold is None else threshold
+        finite, below = torch.stack([torch.isfinite(new).all(), (residual < threshold).all()]).tolist()
         converged = iteration >= self.iterations_per_chunk - 1 or below
         if not return_dict:
             return sample, converged, residual
         return JacobiFlowSchedulerOutput(prev_sample=sample, converged=converged, residual=residual, diverged=not finite)
+
+    def window_ends(self, chunk: FlowChunk, frontier: torch.Tensor) -> torch.Tensor:
+        """`mode="adaptive"`: per sequence, the end of its sliding window (B,) given its frontier (B,)."""
+        return (frontier + chunk.sliding_window).clamp(max=chunk.end)
+
+    def step_adaptive(
+        self,
+        model_output: Tuple[torch.Tensor, torch.Tensor],
+        chunk: FlowChunk,
+        sample: torch.Tensor,
+        noise: torch.Tensor,
+        start: int,
+        frontier: torch.Tensor,
+        evaluations: torch.Tensor,
+        guidance_weight: float = 0.0,
+        return_dict: bool = True,
+        threshold: Optional[float] = None,
+    ) -> Union[AdaptiveFlowStepOutput, Tuple]:
+        """One sliding-window update (`mode="adaptive"`): the network ran tokens [start, start + n) of every
+        sequence; each sequence updates its own window [frontier, window end) and commits its converged prefix.
+
+        Args:
+            model_output: float32 (shift, scale) of tokens [start, start + n), guided as in `step`.
+            frontier: (B,) long, per sequence the first uncommitted token (>= start).
+            evaluations: (B, N) int32 count of evaluations of each token, updated in place.
+            threshold: the convergence threshold (`threshold_for` the block); None means `threshold`.
+        """
+        threshold = self.config.threshold if threshold is None else threshold
+        shift, scale = model_output
+        if shift.shape[0] == 2 * sample.shape[0]:
+            shift, scale = flow_guidance(shift, scale, guidance_weight)
+        end = start + shift.shape[1]
+        positions = torch.arange(start, end, device=sample.device)
+        active = (positions >= frontier[:, None]) & (positions < self.window_ends(chunk, frontier)[:, None])
+        new = shift + scale * noise[:, start:end]
+        old = sample[:, start:end]
+        change = (new - old).square().mean(-1)
+        scale_of_values = (new.square().mean(-1) * active).sum(1, keepdim=True) / active.sum(1, keepdim=True).clamp(min=1)
+        sample[:, start:end] = torch.where(active[..., None], new, old)
+        counts = evaluations[:, start:end]
+        counts += active.to(counts.dtype)
+        # token j is final once every token before it in the window changed by less than the threshold (its
+        # inputs are then settled), and the window's first token always is; tokens evaluated `max_iterations`
+        # times are committed as they are
+        settled = (change < threshold * scale_of_values) & active
+        offset = frontier - start
+        index = (offset[:, None] + torch.arange(end - start, device=sample.device)).clamp(max=end - start - 1)
+        run = torch.gather(settled, 1, index).cumprod(1).sum(1)
+        forced = torch.gather(counts >= self.config.max_iterations, 1, index).cumprod(1).sum(1)
+        advanced = torch.minimum(frontier + torch.maximum(run + 1, forced), self.window_ends(chunk, frontier))
+        finite = torch.isfinite(torch.where(active[..., None], new, 0.0)).all()
+        *frontier_list, finite = torch.cat([advanced, finite.long()[None]]).tolist()
+        if not return_dict:
+            return sample, frontier_list, not finite
+        return AdaptiveFlowStepOutput(prev_sample=sample, frontier=frontier_list, diverged=not finite)

@@ -23,11 +23,12 @@ def _with_scheduler(pipe, **settings):
 # ---- the plan and the step ---------------------------------------------------------------------------------
 
 
-def test_the_adaptive_plan_has_one_chunk_per_frame_and_sliding_windows():
-    scheduler = JacobiFlowScheduler(mode="adaptive", block_size=4, later_block_multiplier=3)
-    chunks = scheduler.plan(tokens_per_frame=8, num_frames=3, prefix_tokens=2)
-    assert [(c.start, c.end) for c in chunks] == [(2, 8), (8, 16), (16, 24)]
-    assert [c.sliding_window for c in chunks] == [4, 12, 12]
+def test_the_adaptive_plan_has_frame_chunks_and_sliding_windows():
+    scheduler = JacobiFlowScheduler(mode="adaptive", block_size=4, later_block_multiplier=2)
+    chunks = scheduler.plan(tokens_per_frame=8, num_frames=4, prefix_tokens=2)
+    # the first frame, then chunks of `later_block_multiplier` frames
+    assert [(c.start, c.end) for c in chunks] == [(2, 8), (8, 24), (24, 32)]
+    assert [c.sliding_window for c in chunks] == [8, 16, 16]
     assert [c.warm_start_offset for c in chunks] == [0, 8, 8]
     assert all(c.warm_start_offset == 0 for c in JacobiFlowScheduler(mode="adaptive", warm_start=False).plan(8, 3))
     with pytest.raises(ValueError, match="'adaptive'"):

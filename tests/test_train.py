@@ -106,7 +106,7 @@ def test_the_denoiser_trains_and_weights_are_saved_in_the_requested_dtype(tmp_pa
         ({"model": {"is_video": "yes"}}, "`model.is_video` must be true or false"),
         ({"model": {"deep_width": 100}}, "`deep_width` (100) must be divisible by `attention_head_dim`"),
         ({"scheduler": {"block_size": "big"}}, "`scheduler.block_size` must be an integer"),
-        ({"scheduler": {"mode": "fast"}}, "`mode` must be 'jacobi' or 'sequential'"),
+        ({"scheduler": {"mode": "fast"}}, "`mode` must be one of 'jacobi', 'adaptive', 'sequential'"),
     ],
 )
 def test_bad_configs_fail_before_training_and_name_the_key(tmp_path, capsys, sections, message):

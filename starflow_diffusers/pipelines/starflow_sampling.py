@@ -558,8 +558,8 @@ class StarFlowSamplingMixin:
         lowest = chunk.start
         while lowest < chunk.end:
             highest = int(scheduler.window_ends(chunk, frontier).max())
-            first = max(lowest, 1)  # position 0's input is the SOS vector, which the block puts in front
-            inputs = state[:, first - 1 : highest - 1]
+            inputs, prepend_sos = scheduler.shifted_inputs(state, lowest, highest)
+            first = max(lowest, 1)  # position 0's input is the SOS vector
             if batch > 1:
                 positions = torch.arange(first, highest, device=state.device)
                 committed = (positions[None] < frontier[:, None])[..., None]
@@ -567,7 +567,7 @@ class StarFlowSamplingMixin:
             fed[:, first:highest] = inputs
             cache.truncate(base + lowest - chunk.start)
             params = self.transformer.evaluate_block(
-                block_index, _guidance_batch(inputs, cfg_batch).to(dtype), cache, rotary, prepend_sos=lowest == 0
+                block_index, _guidance_batch(inputs, cfg_batch).to(dtype), cache, rotary, prepend_sos=prepend_sos
             )
             output = scheduler.step_adaptive(
                 params, chunk, state, noise, lowest, frontier, evaluations, guidance_weight, threshold=threshold

@@ -281,10 +281,15 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         """Network inputs of a chunk: token j is predicted from token j - 1. Returns the tokens and whether
         the block must put its SOS vector in front of them (the chunk starts the sequence)."""
         offset = chunk.warm_start_offset if iteration == 0 else 0
-        start, end = chunk.start - 1 - offset, chunk.end - 1 - offset
-        if start >= 0:
-            return sample[:, start:end], False
-        return sample[:, :end], True
+        return JacobiFlowScheduler.shifted_inputs(sample, chunk.start - offset, chunk.end - offset)
+
+    @staticmethod
+    def shifted_inputs(sample: torch.Tensor, start: int, end: int) -> Tuple[torch.Tensor, bool]:
+        """The inputs predicting tokens [start, end): tokens [start - 1, end - 1), and whether the block must
+        put its SOS vector in front (start is 0: the first token is predicted from SOS alone)."""
+        if start > 0:
+            return sample[:, start - 1 : end - 1], False
+        return sample[:, : end - 1], True
 
     @staticmethod
     def context_inputs(sample: torch.Tensor, context: Tuple[int, int]) -> torch.Tensor:

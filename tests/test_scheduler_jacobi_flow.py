@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from starflow_diffusers import JacobiFlowScheduler
+from starflow_diffusers.pipelines.starflow_sampling import NO_GUIDANCE, FlowGuidance
 from starflow_diffusers.schedulers.scheduling_jacobi_flow import FlowChunk, JacobiFlowSchedulerOutput, flow_guidance
 from starflow_diffusers.testing_utils import tiny_pipeline
 
@@ -336,32 +337,33 @@ def test_step_return_tuple_equals_dict():
     assert torch.equal(a.prev_sample, b[0]) and a.converged == b[1] and torch.equal(a.residual, b[2])
 
 
-def test_step_guided_batch_at_zero_weight_keeps_conditional_half():
+def test_guidance_at_zero_weight_keeps_conditional_half():
     # a [cond; uncond] batch with weight 0 (guidance switched off mid-solve) solves with the conditional half
     sample, noise, chunk, shift, scale = _step_inputs(seed=6)
     g = torch.Generator().manual_seed(7)
     shift_u, scale_u = torch.randn(shift.shape, generator=g), torch.rand(scale.shape, generator=g) + 0.5
     scheduler = JacobiFlowScheduler(max_iterations=4)
-    guided = scheduler.step(
-        (torch.cat([shift, shift_u]), torch.cat([scale, scale_u])), chunk, sample.clone(), noise, 0, guidance_weight=0.0
-    )
+    doubled = (torch.cat([shift, shift_u]), torch.cat([scale, scale_u]))
+    guided = scheduler.step(FlowGuidance(0.0).combine(doubled), chunk, sample.clone(), noise, 0)
     plain = scheduler.step((shift, scale), chunk, sample.clone(), noise, 0)
     assert torch.equal(guided.prev_sample, plain.prev_sample)
-    with pytest.raises(ValueError, match="model_output"):
-        scheduler.step((shift[:1], scale[:1]), chunk, sample.clone(), noise, 0)
+    # the scheduler takes one output per sequence: an uncombined guidance batch is refused
+    for wrong in (doubled, (shift[:1], scale[:1])):
+        with pytest.raises(ValueError, match="model_output"):
+            scheduler.step(wrong, chunk, sample.clone(), noise, 0)
 
 
-def test_step_with_guidance_uses_flow_guidance():
+def test_guided_step_uses_flow_guidance():
     scheduler = JacobiFlowScheduler(max_iterations=4)
     sample, noise, chunk, shift, scale = _step_inputs(seed=4)
     g = torch.Generator().manual_seed(5)
     shift_u = torch.randn(shift.shape, generator=g)
     scale_u = torch.rand(scale.shape, generator=g) + 0.5
     w = 2.5
-    out = scheduler.step(
-        (torch.cat([shift, shift_u]), torch.cat([scale, scale_u])), chunk, sample, noise, iteration=0,
-        guidance_weight=w,
-    )
+    guidance = FlowGuidance(w)
+    assert torch.equal(guidance.batch(shift), torch.cat([shift, shift])) and NO_GUIDANCE.batch(shift) is shift
+    combined = guidance.combine((torch.cat([shift, shift_u]), torch.cat([scale, scale_u])))
+    out = scheduler.step(combined, chunk, sample, noise, iteration=0)
     g_shift, g_scale = _reference_guidance(shift, scale, shift_u, scale_u, w)
     expected = g_shift + g_scale * noise[:, 3:7].double()
     np.testing.assert_allclose(out.prev_sample[:, 3:7].double().numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.transformer_starflow_v import DENOISER_STEP, StarFlowFlowBlock, rotary_phases
-from ..schedulers.scheduling_jacobi_flow import FlowChunk
+from ..schedulers.scheduling_jacobi_flow import FlowChunk, flow_guidance
 from .prompt_template import format_prompt
 
 
@@ -129,6 +129,33 @@ class FlowSolveDivergedError(FloatingPointError):
             f"`JacobiFlowScheduler(mode='sequential')`, or running the transformer in float32."
         )
         self.block_index, self.chunk, self.iteration = block_index, chunk, iteration
+
+
+class FlowGuidance(NamedTuple):
+    """Classifier-free guidance of a solve, in one place: the [conditional; unconditional] batch the network
+    runs and the flow-guidance combination of its outputs (spec section 5). `weight` None: no guidance batch;
+    a weight of 0 (guidance switched off mid-solve) keeps the conditional half."""
+
+    weight: Optional[float] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight is not None
+
+    def batch(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The same inputs for both halves."""
+        return torch.cat([inputs, inputs]) if self.enabled else inputs
+
+    def text(self, prompt_embeds: torch.Tensor, negative_prompt_embeds: Optional[torch.Tensor], dtype) -> torch.Tensor:
+        text = torch.cat([prompt_embeds, negative_prompt_embeds]) if self.enabled else prompt_embeds
+        return text.to(dtype)
+
+    def combine(self, params: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The guided (shift, scale) of the network's output for the batch."""
+        return flow_guidance(*params, self.weight) if self.enabled else params
+
+
+NO_GUIDANCE = FlowGuidance()
 
 
 class StarFlowSamplingMixin:
@@ -493,8 +520,7 @@ class StarFlowSamplingMixin:
         noise: torch.Tensor,
         cache,
         rotary,
-        guidance_weight: float = 0.0,
-        cfg_batch: bool = False,
+        guidance: FlowGuidance = NO_GUIDANCE,
     ) -> None:
         """Fixed-point iterations of one chunk of block `block_index`; `state` is updated in place. The network
         runs in the transformer's compute dtype.
@@ -505,9 +531,7 @@ class StarFlowSamplingMixin:
         scheduler = self.scheduler
         threshold = scheduler.threshold_for(block_index in (-1, len(self.transformer.blocks) - 1))
         if scheduler.config.mode == "adaptive":
-            return self._solve_chunk_adaptive(
-                block_index, chunk, state, noise, cache, rotary, guidance_weight, cfg_batch, threshold
-            )
+            return self._solve_chunk_adaptive(block_index, chunk, state, noise, cache, rotary, guidance, threshold)
         dtype = self.compute_dtype
         replay = scheduler.config.convergence == "sample" and state.shape[0] > 1
         converged, converged_inputs = None, None
@@ -521,9 +545,9 @@ class StarFlowSamplingMixin:
                 inputs = inputs.clone()
             length = cache.length
             params = self.transformer.evaluate_block(
-                block_index, _guidance_batch(inputs, cfg_batch).to(dtype), cache, rotary, prepend_sos=prepend_sos
+                block_index, guidance.batch(inputs).to(dtype), cache, rotary, prepend_sos=prepend_sos
             )
-            output = scheduler.step(params, chunk, state, noise, iteration, guidance_weight, threshold=threshold)
+            output = scheduler.step(guidance.combine(params), chunk, state, noise, iteration, threshold=threshold)
             if output.diverged:
                 raise FlowSolveDivergedError(block_index, len(self.transformer.blocks), chunk, iteration)
             if output.converged:
@@ -535,8 +559,7 @@ class StarFlowSamplingMixin:
             cache.truncate(length)
 
     def _solve_chunk_adaptive(
-        self, block_index: int, chunk: FlowChunk, state, noise, cache, rotary, guidance_weight: float, cfg_batch: bool,
-        threshold: float,
+        self, block_index: int, chunk: FlowChunk, state, noise, cache, rotary, guidance: FlowGuidance, threshold: float
     ) -> None:
         """`mode="adaptive"`: a sliding window per sequence over the chunk; see `JacobiFlowScheduler`.
 
@@ -567,10 +590,10 @@ class StarFlowSamplingMixin:
             fed[:, first:highest] = inputs
             cache.truncate(base + lowest - chunk.start)
             params = self.transformer.evaluate_block(
-                block_index, _guidance_batch(inputs, cfg_batch).to(dtype), cache, rotary, prepend_sos=prepend_sos
+                block_index, guidance.batch(inputs).to(dtype), cache, rotary, prepend_sos=prepend_sos
             )
             output = scheduler.step_adaptive(
-                params, chunk, state, noise, lowest, frontier, evaluations, guidance_weight, threshold=threshold
+                guidance.combine(params), chunk, state, noise, lowest, frontier, evaluations, threshold=threshold
             )
             if output.diverged:
                 raise FlowSolveDivergedError(block_index, len(self.transformer.blocks), chunk, int(evaluations.max()))
@@ -678,6 +701,10 @@ class StarFlowSamplingMixin:
         text_length = prompt_embeds.shape[1]
         cfg_batch = negative_prompt_embeds is not None
 
+        def guidance() -> FlowGuidance:
+            # the guidance scale may change between chunks (a step-end callback); the batch may not
+            return FlowGuidance(max(self._guidance_scale - 1.0, 0.0) if cfg_batch else None)
+
         prefix_tokens = 0 if context_latents is None else context_latents.shape[2] * per_frame
         scheduler = self.scheduler
         scheduler.set_timesteps(
@@ -685,7 +712,7 @@ class StarFlowSamplingMixin:
         )
         self._num_timesteps = scheduler.num_timesteps
         dtype = self.compute_dtype
-        text = _guidance_text(prompt_embeds, negative_prompt_embeds, cfg_batch, dtype)
+        text = guidance().text(prompt_embeds, negative_prompt_embeds, dtype)
         # the rotary table once per solve: each chunk then only slices it
         rotary = rotary_phases(transformer.rotary_embedding(t, grid[2], grid[3], text_length, noise.device))
         cache = deep.init_cache(text.shape[0], scheduler.cache_length(per_frame, t, text_length))
@@ -700,7 +727,7 @@ class StarFlowSamplingMixin:
             state[:, :prefix_tokens] = deep.permute(tokens).reshape(b, prefix_tokens, -1).float()
             context = scheduler.context_inputs(state, (0, prefix_tokens))
             transformer.evaluate_block(
-                deep_index, _guidance_batch(context, cfg_batch).to(dtype), cache, rotary, prepend_sos=True
+                deep_index, guidance().batch(context).to(dtype), cache, rotary, prepend_sos=True
             )
         yield _DeepSolveProgress(state, prefix_tokens // per_frame, prompt_embeds)
         with self.progress_bar(total=scheduler.num_timesteps) as progress_bar:
@@ -712,11 +739,10 @@ class StarFlowSamplingMixin:
                     cache.truncate(0)
                     context = scheduler.context_inputs(state, chunk.context)
                     transformer.evaluate_block(
-                        deep_index, _guidance_batch(context, cfg_batch).to(dtype), cache, rotary, text=text,
+                        deep_index, guidance().batch(context).to(dtype), cache, rotary, text=text,
                         prepend_sos=True,
                     )
-                weight = max(self._guidance_scale - 1.0, 0.0) if cfg_batch else 0.0
-                self.solve_chunk(deep_index, chunk, state, z, cache, rotary, weight, cfg_batch)
+                self.solve_chunk(deep_index, chunk, state, z, cache, rotary, guidance())
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
                     for name in callback_on_step_end_tensor_inputs:
@@ -729,7 +755,7 @@ class StarFlowSamplingMixin:
                     prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
                     # new embeddings apply from the next window's text prefix and to denoising
-                    text = _guidance_text(prompt_embeds, negative_prompt_embeds, cfg_batch, dtype)
+                    text = guidance().text(prompt_embeds, negative_prompt_embeds, dtype)
                     if self._guidance_scale > 1 and not cfg_batch:
                         logger.warning("Guidance cannot be switched on mid-solve without negative embeddings.")
                 progress_bar.update()
@@ -839,16 +865,6 @@ class StarFlowSamplingMixin:
                     yield from advance(progress, progress.frames_solved)
             # the solve is over (or interrupted): every frame counts as solved, as in `sample_latents`
             yield from advance(progress, t)
-
-
-def _guidance_batch(inputs: torch.Tensor, cfg_batch: bool) -> torch.Tensor:
-    """The same inputs for the conditional and unconditional halves of a guidance batch."""
-    return torch.cat([inputs, inputs]) if cfg_batch else inputs
-
-
-def _guidance_text(prompt_embeds, negative_prompt_embeds, cfg_batch: bool, dtype: torch.dtype) -> torch.Tensor:
-    text = torch.cat([prompt_embeds, negative_prompt_embeds]) if cfg_batch else prompt_embeds
-    return text.to(dtype)
 
 
 class _DeepSolveProgress(NamedTuple):

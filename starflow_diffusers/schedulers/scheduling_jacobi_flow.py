@@ -305,25 +305,19 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         noise: torch.Tensor,
         iteration: int,
-        guidance_weight: float = 0.0,
         return_dict: bool = True,
         threshold: Optional[float] = None,
     ) -> Union[JacobiFlowSchedulerOutput, Tuple]:
         """One fixed-point update of `chunk`: u = shift + scale * z, written into `sample` (in place).
 
         Args:
-            model_output: float32 (shift, scale) of the chunk; when they hold twice the sample's batch, they
-                are the [conditional; unconditional] halves, combined by `flow_guidance` with `guidance_weight`.
+            model_output: float32 (shift, scale) of the chunk, one per sequence of `sample`: with guidance, the
+                pipeline has combined the [conditional; unconditional] halves (`flow_guidance`).
             sample: the (B, N, D) float32 token state; unsolved tokens hold any initial guess.
             noise: the (B, N, D) noise z being inverted.
             threshold: the convergence threshold (`threshold_for` the block); None means `threshold`.
         """
-        shift, scale = model_output
-        if shift.shape[0] == 2 * sample.shape[0]:
-            # a [conditional; unconditional] batch: guided even at weight 0 (which keeps the conditional half)
-            shift, scale = flow_guidance(shift, scale, guidance_weight)
-        elif shift.shape[0] != sample.shape[0]:
-            raise ValueError(f"`model_output` batch {shift.shape[0]} must be the sample batch {sample.shape[0]} or twice it.")
+        shift, scale = self._check_model_output(model_output, sample)
         new = shift + scale * noise[:, chunk.start : chunk.end]
         old = sample[:, chunk.start : chunk.end]
         dims = (1, 2) if self.config.convergence == "sample" else None
@@ -336,6 +330,16 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return sample, converged, residual
         return JacobiFlowSchedulerOutput(prev_sample=sample, converged=converged, residual=residual, diverged=not finite)
+
+    @staticmethod
+    def _check_model_output(model_output, sample: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        shift, scale = model_output
+        if shift.shape[0] != sample.shape[0]:
+            raise ValueError(
+                f"`model_output` batch {shift.shape[0]} must be the sample batch {sample.shape[0]}; combine a "
+                "guidance batch with `flow_guidance` first."
+            )
+        return shift, scale
 
     def window_ends(self, chunk: FlowChunk, frontier: torch.Tensor) -> torch.Tensor:
         """`mode="adaptive"`: per sequence, the end of its sliding window (B,) given its frontier (B,)."""
@@ -350,7 +354,6 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         start: int,
         frontier: torch.Tensor,
         evaluations: torch.Tensor,
-        guidance_weight: float = 0.0,
         return_dict: bool = True,
         threshold: Optional[float] = None,
     ) -> Union[AdaptiveFlowStepOutput, Tuple]:
@@ -358,15 +361,13 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         sequence; each sequence updates its own window [frontier, window end) and commits its converged prefix.
 
         Args:
-            model_output: float32 (shift, scale) of tokens [start, start + n), guided as in `step`.
+            model_output: float32 (shift, scale) of tokens [start, start + n), one per sequence as in `step`.
             frontier: (B,) long, per sequence the first uncommitted token (>= start).
             evaluations: (B, N) int32 count of evaluations of each token, updated in place.
             threshold: the convergence threshold (`threshold_for` the block); None means `threshold`.
         """
         threshold = self.config.threshold if threshold is None else threshold
-        shift, scale = model_output
-        if shift.shape[0] == 2 * sample.shape[0]:
-            shift, scale = flow_guidance(shift, scale, guidance_weight)
+        shift, scale = self._check_model_output(model_output, sample)
         end = start + shift.shape[1]
         positions = torch.arange(start, end, device=sample.device)
         active = (positions >= frontier[:, None]) & (positions < self.window_ends(chunk, frontier)[:, None])

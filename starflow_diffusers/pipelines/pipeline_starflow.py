@@ -20,15 +20,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..loaders import StarFlowVLoraLoaderMixin
 from ..models.transformer_starflow_v import StarFlowVTransformer
 from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
-from .starflow_sampling import (
+from .inputs import (
     PIXEL_CHANNELS,
-    StarFlowSamplingMixin,
     check_finite,
     check_sizes,
     closest_trained_aspect_ratio,
     integer_pixels_to_unit_range,
     parse_aspect_ratio,
 )
+from .starflow_sampling import StarFlowSamplingMixin
 
 
 logger = logging.get_logger(__name__)

@@ -26,9 +26,8 @@ from ..loaders import StarFlowVLoraLoaderMixin
 from ..models.transformer_starflow_v import StarFlowVTransformer
 from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
 from .pipeline_output import StarFlowVInversionOutput, StarFlowVPipelineOutput
-from .starflow_sampling import (
+from .inputs import (
     PIXEL_CHANNELS,
-    StarFlowSamplingMixin,
     check_finite,
     check_sizes,
     closest_trained_aspect_ratio,
@@ -36,6 +35,7 @@ from .starflow_sampling import (
     integer_pixels_to_unit_range,
     parse_aspect_ratio,
 )
+from .starflow_sampling import StarFlowSamplingMixin
 
 
 logger = logging.get_logger(__name__)

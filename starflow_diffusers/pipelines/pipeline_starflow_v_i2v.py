@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .pipeline_output import StarFlowVPipelineOutput
 from .pipeline_starflow_v import StarFlowVPipeline
 from .prompt_template import EXTEND_CAPTION_PREFIX
-from .starflow_sampling import check_finite, integer_pixels_to_unit_range
+from .inputs import check_finite, integer_pixels_to_unit_range
 
 
 logger = logging.get_logger(__name__)

@@ -148,7 +148,7 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
     """Check every section and fill in defaults and derived values; raises `ValueError` naming the key."""
     from ..models.transformer_starflow_v import StarFlowVTransformer
     from ..pipelines.pipeline_starflow_v import StarFlowVPipeline
-    from ..pipelines.starflow_sampling import closest_trained_aspect_ratio
+    from ..pipelines.inputs import closest_trained_aspect_ratio
     from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
     from .train_lora import lr_scheduler_choices
 

@@ -241,7 +241,7 @@ def train(args: argparse.Namespace) -> str:
         from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
         from ..pipelines.pipeline_starflow_v import StarFlowVPipeline
-        from ..pipelines.starflow_sampling import closest_trained_aspect_ratio
+        from ..pipelines.inputs import closest_trained_aspect_ratio
         from .data import EpochShuffleSampler, VideoCaptionDataset, cache_dataset, collate_clips
         from .loop import (
             FlowStepSettings,

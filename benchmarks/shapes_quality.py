@@ -33,6 +33,22 @@ import torch
 TARGETS = {"colour_accuracy": 0.90, "direction_accuracy": 0.80, "persistence": 0.95, "likelihood_gap_bits_per_dim": 0.05}
 
 
+def scheduler_overrides(items) -> dict:
+    """KEY=VALUE strings -> settings; values are read as Python literals where they are one (3e-3, True)."""
+    import ast
+
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--scheduler {item!r}: expected KEY=VALUE")
+        try:
+            settings[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            settings[key] = value
+    return settings
+
+
 def build_parser() -> argparse.ArgumentParser:
     from starflow_diffusers import BUNDLED_MODEL
     from starflow_diffusers.cli import DEFAULT_GUIDANCE_SCALE
@@ -47,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="clips generated together")
     parser.add_argument("--contact-sheet", default=None, help="write a PNG grid of the first 8 generated clips here")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument(
+        "--scheduler", nargs="*", default=[], metavar="KEY=VALUE",
+        help="JacobiFlowScheduler settings over the model's, e.g. mode=adaptive threshold=0.003",
+    )
     return parser
 
 
@@ -72,7 +92,7 @@ def percent_interval(interval) -> str:
 
 
 def main(argv=None) -> dict:
-    from starflow_diffusers import StarFlowVImageToVideoPipeline, StarFlowVPipeline
+    from starflow_diffusers import JacobiFlowScheduler, StarFlowVImageToVideoPipeline, StarFlowVPipeline
     from starflow_diffusers.evaluation import analyze_clip, summarize
     from starflow_diffusers.training.synthetic import generate_clips
 
@@ -82,6 +102,8 @@ def main(argv=None) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = StarFlowVPipeline.from_pretrained(args.model).to(device)
     pipe.set_progress_bar_config(disable=True)
+    if args.scheduler:
+        pipe.scheduler = JacobiFlowScheduler.from_config(pipe.scheduler.config, **scheduler_overrides(args.scheduler))
     size, num_frames = pipe.default_base_frame_size, pipe.transformer.config.trained_latent_frames
     clips = generate_clips(args.num_clips, "test", size=size, num_frames=num_frames, seed=args.data_seed)
     captions = [clip.caption for clip in clips]

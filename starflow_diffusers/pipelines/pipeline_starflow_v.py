@@ -8,15 +8,13 @@ optionally denoised (learned denoiser or one score step) and decoded by the Wan 
 
 import math
 import os
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import PIL.Image
 import torch
 
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify as wan_unpatchify
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import load_video, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
@@ -36,6 +34,7 @@ from .inputs import (
     parse_aspect_ratio,
 )
 from .starflow_sampling import StarFlowSamplingMixin
+from .streaming import StarFlowVStreamingMixin
 
 
 logger = logging.get_logger(__name__)
@@ -63,7 +62,9 @@ EXAMPLE_DOC_STRING = """
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLoaderMixin):
+class StarFlowVPipeline(
+    DiffusionPipeline, StarFlowSamplingMixin, StarFlowVStreamingMixin, StarFlowVLoraLoaderMixin
+):
     r"""
     Text-to-video generation with STARFlow-V.
 
@@ -361,94 +362,6 @@ class StarFlowVPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraL
         if not return_dict:
             return (frames,)
         return StarFlowVPipelineOutput(frames=frames)
-
-    # ---- streaming ----------------------------------------------------------------------------------------------
-
-    def stream(self, *args, **kwargs) -> Iterator[Union[np.ndarray, torch.Tensor, List[List[Any]]]]:
-        r"""
-        Generate a video as a stream: takes the arguments of `__call__` (except `return_dict`) and returns a
-        generator of output frames, yielded as soon as they are final. Arguments are checked and the prompt is
-        encoded before it returns.
-
-        Each item holds the next frames of `__call__(...).frames` for the same arguments, in its format: a
-        (B, n, H, W, 3) array for `output_type="np"`, (B, n, 3, H, W) for "pt", B lists of n images for "pil",
-        (B, C, n, h, w) latents for "latent"; concatenated along the frame axis, the items equal the
-        non-streamed output. Items are whole latent frames: with the Wan VAE the first latent frame gives one
-        video frame and every later one gives four.
-
-        When a frame is final: the deep block has solved the frame and, with denoising, what the denoiser looks
-        at (see `final_frames`): R = denoiser layers x `denoiser_lookahead` frames ahead for `denoise="learned"`,
-        its whole window for "score". The shallow blocks of a frame run as soon as the deep block has solved it
-        when frames are independent there: per-frame shallow blocks (released models) solved sequentially or
-        with the default `JacobiFlowScheduler(convergence="sample")`. With `convergence="batch"` (the original's
-        rule, which couples the frames) nothing is final before the deep block has solved the whole video.
-
-        Frames are decoded causally, one latent frame at a time, with the Wan VAE's feature cache (VAE tiling
-        must be off). A `callback_on_step_end` that returns new `latents` or embeddings only changes frames not
-        yielded yet.
-
-        Examples:
-            ```py
-            >>> for frames in pipe.stream("a corgi running on the beach at sunset", guidance_scale=4.5):
-            ...     show(frames[0])  # (n, H, W, 3) in [0, 1]
-            ```
-        """
-        if "return_dict" in kwargs:
-            raise ValueError("`stream` yields frames; it takes no `return_dict`.")
-        return self(*args, stream=True, **kwargs)
-
-    @torch.no_grad()
-    def _stream_frames(
-        self, latents, prompt_embeds, negative_prompt_embeds, denoise, output_type, callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
-    ):
-        decode = self._causal_decoder(latents.shape[3:], output_type)
-        for frames in self.stream_latents(
-            latents, prompt_embeds, negative_prompt_embeds, denoise, callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        ):
-            yield decode(frames)
-        self.maybe_free_model_hooks()
-
-    def _causal_decoder(self, latent_size: Tuple[int, int], output_type: str) -> Callable[[torch.Tensor], Any]:
-        """A function decoding consecutive model-space latent frames (B, C, n, h, w), first frame first, exactly
-        as `decode_latents` decodes them together."""
-        if output_type == "latent":
-            return lambda latents: latents
-        if self.models_pixels:
-            return lambda latents: self.decode_latents(latents, output_type)
-        self._require_vae(f"`output_type={output_type!r}`")
-        vae = self.vae
-        if not isinstance(vae, AutoencoderKLWan):
-            raise ValueError(f"Streaming decodes with the Wan VAE's causal feature cache; got a {type(vae).__name__}.")
-        ratio = vae.spatial_compression_ratio
-        if vae.use_tiling and (
-            latent_size[0] > vae.tile_sample_min_height // ratio or latent_size[1] > vae.tile_sample_min_width // ratio
-        ):
-            raise ValueError("Streaming decodes one latent frame at a time: call `pipe.vae.disable_tiling()`.")
-        if hasattr(vae, "_hf_hook") and hasattr(vae._hf_hook, "pre_forward"):
-            vae._hf_hook.pre_forward(vae)  # model offloading: what `vae.decode` does first
-        vae.clear_cache()
-        # our own reference: a later `clear_cache` (another decode) rebinds `vae._feat_map`, not this list
-        feature_cache, seen = vae._feat_map, []
-
-        def decode(latents: torch.Tensor):
-            # denormalisation scales every frame but the video's first one
-            seen.append(latents)
-            vae_latents = self.denormalize_latents(torch.cat(seen, dim=2))[:, :, -latents.shape[2] :]
-            x = vae.post_quant_conv(vae_latents.to(vae.dtype))
-            first = len(seen) == 1
-            video = []
-            for i in range(x.shape[2]):
-                # `AutoencoderKLWan._decode`, one latent frame at a time
-                start = first and i == 0
-                video.append(vae.decoder(x[:, :, i : i + 1], feat_cache=feature_cache, feat_idx=[0], first_chunk=start))
-            video = torch.cat(video, dim=2)
-            if vae.config.patch_size is not None:
-                video = wan_unpatchify(video, patch_size=vae.config.patch_size)
-            return self.video_processor.postprocess_video(video.clamp(-1, 1).float(), output_type=output_type)
-
-        return decode
 
     # ---- pixel videos in, likelihood and inversion ----------------------------------------------------------
 

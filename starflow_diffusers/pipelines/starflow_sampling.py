@@ -7,14 +7,13 @@ denoised with the learned denoiser or one score step. Images are handled as one-
 
 The mixin also holds what the text-to-video and text-to-image pipelines share around the solve: the prompt
 template and text encoding, input validation, frame-size resolution and the initial noise. The input
-checks themselves live in `inputs.py`, the template in `prompt_template.py`.
+checks themselves live in `inputs.py`, the template in `prompt_template.py`, and streaming (frames as they
+become final) in `streaming.py`.
 """
 
 import contextlib
-import math
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 
 from diffusers.utils import logging
@@ -569,25 +568,6 @@ class StarFlowSamplingMixin:
         self._denoise_windows(out, prompt_embeds, mode, window, self._denoise_window_starts(out.shape[2], window), 0)
         return out
 
-    def final_frames(self, solved: int, num_frames: int, denoise: str, window: Optional[int] = None) -> int:
-        """How many leading frames of the output are final once the first `solved` frames have been inverted
-        through every block (`stream_latents` yields them; later frames cannot change them):
-
-        * `denoise="none"`: the solved frames.
-        * "learned": the frames of complete denoising windows, and frames at least R = denoiser layers x
-          `denoiser_lookahead` frames before the last solved one (each layer sees that many frames ahead).
-        * "score": the frames of complete denoising windows (the score step differentiates through it all).
-        """
-        if solved >= num_frames or denoise == "none":
-            return min(solved, num_frames)
-        window = window or self.scheduler.window_frames or num_frames
-        ends = [min(start + window, num_frames) for start in self._denoise_window_starts(num_frames, window)]
-        complete = max([end for end in ends if end <= solved], default=0)
-        if denoise == "score":
-            return complete
-        config = self.transformer.config
-        return max(complete, solved - config.denoiser_num_layers * config.denoiser_lookahead)
-
     def _denoise_chunk(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, mode: str) -> torch.Tensor:
         dtype = self.compute_dtype
         if mode == "learned":
@@ -609,7 +589,7 @@ class StarFlowSamplingMixin:
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
         context_latents: Optional[torch.Tensor] = None,
-    ) -> Iterator["_DeepSolveProgress"]:
+    ) -> Iterator["DeepSolveProgress"]:
         """The deep block's solve with guidance, chunk by chunk. Yields its progress once the known frames
         are in place and after every chunk; the state is the float32 (B, T*F, D) token state in the deep
         block's order, updated in place."""
@@ -649,7 +629,7 @@ class StarFlowSamplingMixin:
             transformer.evaluate_block(
                 deep_index, guidance().batch(context).to(dtype), cache, rotary, prepend_sos=True
             )
-        yield _DeepSolveProgress(state, prefix_tokens // per_frame, prompt_embeds)
+        yield DeepSolveProgress(state, prefix_tokens // per_frame, prompt_embeds)
         with self.progress_bar(total=scheduler.num_timesteps) as progress_bar:
             for index, chunk in enumerate(scheduler.chunks):
                 if self.interrupt:
@@ -679,7 +659,7 @@ class StarFlowSamplingMixin:
                     if self._guidance_scale > 1 and not cfg_batch:
                         logger.warning("Guidance cannot be switched on mid-solve without negative embeddings.")
                 progress_bar.update()
-                yield _DeepSolveProgress(state, chunk.end // per_frame, prompt_embeds)
+                yield DeepSolveProgress(state, chunk.end // per_frame, prompt_embeds)
 
     def _invert_frames(self, state: torch.Tensor, grid, start: int, end: int) -> torch.Tensor:
         """Model-space latents (B, C, end - start, H, W) of frames [start, end) of a deep-block token state."""
@@ -706,7 +686,7 @@ class StarFlowSamplingMixin:
         block's cache, and the solve continues after them; the output keeps all T frames."""
         b, _, t, h, w = noise.shape
         p = self.transformer.config.patch_size
-        with self._holding_compute_dtype(), _lora_scale(self.transformer, (self._attention_kwargs or {}).get("scale")):
+        with self._holding_compute_dtype(), lora_scale(self.transformer, (self._attention_kwargs or {}).get("scale")):
             for progress in self._solve_deep_block(
                 noise, prompt_embeds, negative_prompt_embeds, callback_on_step_end,
                 callback_on_step_end_tensor_inputs, context_latents,
@@ -715,79 +695,8 @@ class StarFlowSamplingMixin:
             latents = self._invert_frames(progress.state, (b, t, h // p, w // p), 0, t)
             return self.denoise_latents(latents, progress.prompt_embeds, denoise)
 
-    def stream_latents(
-        self,
-        noise: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: Optional[torch.Tensor],
-        denoise: str,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs=("latents",),
-        context_latents: Optional[torch.Tensor] = None,
-    ) -> Iterator[torch.Tensor]:
-        """`sample_latents` as a generator of its output frames (B, C, n, H, W), in order, each as soon as it is
-        final (`final_frames`); together they equal `sample_latents`'s output.
 
-        Deep/shallow pipelining: the shallow blocks of a frame are inverted right after the deep block's chunk
-        that completes it. That needs frames whose shallow inversion does not depend on other frames:
-        per-frame shallow blocks solved sequentially or with `convergence="sample"`. Otherwise (the
-        original's batch-wide Jacobi rule couples the frames) the frames are inverted once the deep block is
-        done, then denoised and yielded one denoising window at a time."""
-        b, _, t, h, w = noise.shape
-        p = self.transformer.config.patch_size
-        grid = (b, t, h // p, w // p)
-        scheduler = self.scheduler
-        independent = self.transformer.config.shallow_blocks_per_frame and (
-            scheduler.config.mode == "sequential" or scheduler.config.convergence == "sample"
-        )
-        # the denoising windows of `sample_latents`: the solve's local window (set by the solve), else all frames
-        window = scheduler.resolve_window(t, self.transformer.config.trained_latent_frames) or t
-        starts = self._denoise_window_starts(t, window)
-        # `out` holds the denoised frames of complete windows [0, written) and the inverted, not yet denoised
-        # frames [written, inverted)
-        out = noise.new_zeros(noise.shape)
-        inverted = emitted = written = complete_windows = 0
-
-        def advance(progress: _DeepSolveProgress, solved: int) -> Iterator[torch.Tensor]:
-            nonlocal inverted, emitted, written, complete_windows
-            if solved > inverted:
-                out[:, :, inverted:solved] = self._invert_frames(progress.state, grid, inverted, solved)
-                inverted = solved
-            frames = out
-            if denoise == "none":
-                written = inverted
-            else:
-                # a complete window is final, and the next one starts from its frames
-                while complete_windows < len(starts) and min(starts[complete_windows] + window, t) <= inverted:
-                    first = starts[complete_windows : complete_windows + 1]
-                    written = self._denoise_windows(out, progress.prompt_embeds, denoise, window, first, written)
-                    complete_windows += 1
-                    if written > emitted:
-                        yield out[:, :, emitted:written].clone()
-                        emitted = written
-                if self.final_frames(inverted, t, denoise, window) > written:
-                    # the next, incomplete window: its frames out of reach of the missing ones are final
-                    frames = out[:, :, :inverted].clone()
-                    rest = starts[complete_windows:]
-                    self._denoise_windows(frames, progress.prompt_embeds, denoise, window, rest, written)
-            final = self.final_frames(inverted, t, denoise, window)
-            if final > emitted:
-                yield frames[:, :, emitted:final].clone()
-                emitted = final
-
-        with self._holding_compute_dtype(), _lora_scale(self.transformer, (self._attention_kwargs or {}).get("scale")):
-            progress = None
-            for progress in self._solve_deep_block(
-                noise, prompt_embeds, negative_prompt_embeds, callback_on_step_end,
-                callback_on_step_end_tensor_inputs, context_latents,
-            ):
-                if independent:
-                    yield from advance(progress, progress.frames_solved)
-            # the solve is over (or interrupted): every frame counts as solved, as in `sample_latents`
-            yield from advance(progress, t)
-
-
-class _DeepSolveProgress(NamedTuple):
+class DeepSolveProgress(NamedTuple):
     """Where the deep block's solve stands: its token state, how many leading frames are solved, and the
     prompt embeddings in use (a step-end callback may replace them)."""
 
@@ -796,7 +705,7 @@ class _DeepSolveProgress(NamedTuple):
     prompt_embeds: torch.Tensor
 
 
-class _lora_scale:
+class lora_scale:
     """Scale PEFT LoRA layers for the duration of a call (diffusers' `attention_kwargs={"scale": s}`)."""
 
     def __init__(self, model: torch.nn.Module, scale: Optional[float]):

@@ -81,6 +81,55 @@ def test_denoiser_loss_sends_no_gradient_into_the_flow():
     model.zero_grad(set_to_none=True)
 
 
+class _CountingAccelerator:
+    """What `train_micro_batch` uses of an `Accelerator`, counting backward calls."""
+
+    device, scaler = torch.device("cpu"), None
+
+    def __init__(self):
+        self.backward_calls = 0
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        self.backward_calls += 1
+        loss.backward()
+
+
+def test_a_single_backward_gives_the_same_gradients_in_one_call():
+    """DeepSpeed steps at every boundary backward: with the denoiser trained, `single_backward` makes one
+    backward per micro-batch, with the same gradients as the flow's and the denoiser's separate ones."""
+    from starflow_diffusers.testing_utils import tiny_pipeline
+    from starflow_diffusers.training.loop import FlowStepSettings, train_micro_batch
+
+    pipe = tiny_pipeline(with_vae=False)
+    module = StarFlowTrainingModule(pipe.transformer)
+    latents = torch.randn(2, 3, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    grads, calls, losses = {}, {}, {}
+    for single in (False, True):
+        pipe.transformer.zero_grad(set_to_none=True)
+        accelerator = _CountingAccelerator()
+        settings = FlowStepSettings(
+            noise_std=pipe.transformer.config.noise_std, noise_level_conditioning=True, fps=16, aspect_ratio="1:1",
+            train_denoiser=True, single_backward=single,
+        )
+        metrics = train_micro_batch(
+            accelerator, module, pipe, latents, ["a red circle", "a dog"], settings, torch.Generator().manual_seed(1)
+        )
+        grads[single] = {n: p.grad.clone() for n, p in pipe.transformer.named_parameters() if p.grad is not None}
+        calls[single], losses[single] = accelerator.backward_calls, metrics
+    assert calls == {False: 2, True: 1}
+    assert grads[True].keys() == grads[False].keys()
+    assert any(n.startswith("denoiser.") for n in grads[True]) and any(n.startswith("blocks.") for n in grads[True])
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for name in ("loss", "denoiser_loss"):
+        torch.testing.assert_close(losses[True][name], losses[False][name], rtol=1e-6, atol=0)
+
+
 def test_score_target_needs_the_input_gradient():
     with pytest.raises(ValueError, match="require grad"):
         flow_score_target(None, 0.5)

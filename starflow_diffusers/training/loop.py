@@ -44,6 +44,11 @@ class FlowStepSettings:
         train_denoiser (`bool`): also fit the learned denoiser to the flow's score.
         gradient_accumulation_steps (`int`): micro-batches per optimizer update.
         max_grad_norm (`float`): per-group gradient clipping; 0 disables it.
+        single_backward (`bool`): with `train_denoiser`, one backward of the summed flow and denoiser losses
+            per micro-batch (the flow's input gradient, the score, is then taken with `torch.autograd.grad`
+            first). DeepSpeed needs it: its engine steps at every backward of an accumulation boundary, so two
+            backward calls would make two optimizer steps per update. It costs one more backward through
+            the flow; the trainers turn it on under DeepSpeed only.
     """
 
     noise_std: float
@@ -55,6 +60,7 @@ class FlowStepSettings:
     train_denoiser: bool = False
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
+    single_backward: bool = False
 
 
 def step_generator(seed: int, micro_step: int, process_index: int, device) -> torch.Generator:
@@ -144,8 +150,18 @@ def train_micro_batch(
         flow = flow_nll_loss(
             training_module, noisy, prompt_embeds, settings.noise_std, settings.noise_level_conditioning
         )
-    accelerator.backward(flow.loss)
     metrics = {"loss": flow.loss.detach(), "bits_per_dim": flow.bits_per_dim.mean()}
+    if settings.train_denoiser and settings.single_backward:
+        (input_grad,) = torch.autograd.grad(flow.loss, noisy, retain_graph=True)
+        target = flow_score_target(input_grad, settings.noise_std)
+        with accelerator.autocast():
+            prediction = training_module(noisy.detach(), prompt_embeds, denoise=True)
+        loss_denoiser = denoiser_loss(prediction, target)
+        # the two losses reach disjoint parameters: the summed backward gives each its own gradients
+        accelerator.backward(flow.loss + loss_denoiser)
+        metrics["denoiser_loss"] = loss_denoiser.detach()
+        return metrics
+    accelerator.backward(flow.loss)
     if settings.train_denoiser:
         # accelerate divided the loss by the accumulation steps and, in fp16, scaled it
         grad_scale = 1.0 / settings.gradient_accumulation_steps

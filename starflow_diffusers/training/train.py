@@ -400,7 +400,7 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         import diffusers
         import transformers
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
         from diffusers.optimization import get_scheduler
         from diffusers.utils import export_to_video
 
@@ -538,6 +538,7 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         train_denoiser=training["train_denoiser"],
         gradient_accumulation_steps=training["gradient_accumulation_steps"],
         max_grad_norm=training["max_grad_norm"],
+        single_backward=accelerator.distributed_type == DistributedType.DEEPSPEED,
     )
     run_training_loop(
         accelerator, training_module, pipe, dataloader, optimizer, lr_scheduler, [flow_params, denoiser_params],

@@ -233,7 +233,7 @@ def train(args: argparse.Namespace) -> str:
         import diffusers
         import transformers
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, gather_object
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import cast_training_params
@@ -431,6 +431,7 @@ def train(args: argparse.Namespace) -> str:
         train_denoiser=args.train_denoiser,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm,
+        single_backward=accelerator.distributed_type == DistributedType.DEEPSPEED,
     )
     transformer.train()
     global_step = run_training_loop(

@@ -493,20 +493,22 @@ class StarFlowSamplingMixin:
                 last = min(first + offset, chunk.end)
                 state[:, first:last] = state[:, first - offset : last - offset]
         batch = state.shape[0]
+        frontiers = [chunk.start] * batch  # on the host: the step returns them with its one sync
         frontier = torch.full((batch,), chunk.start, dtype=torch.long, device=state.device)
         evaluations = torch.zeros(state.shape[:2], dtype=torch.int32, device=state.device)
-        fed = torch.empty_like(state)  # fed[:, p]: the input token position p was last evaluated with
+        # fed[:, p]: the input position p was last evaluated with (only a batch can need it again)
+        fed = torch.empty_like(state) if batch > 1 else None
         base = cache.length
         lowest = chunk.start
         while lowest < chunk.end:
-            highest = int(scheduler.window_ends(chunk, frontier).max())
+            highest = max(min(f + chunk.sliding_window, chunk.end) for f in frontiers)
             inputs, prepend_sos = scheduler.shifted_inputs(state, lowest, highest)
-            first = max(lowest, 1)  # position 0's input is the SOS vector
-            if batch > 1:
+            if fed is not None:
+                first = max(lowest, 1)  # position 0's input is the SOS vector
                 positions = torch.arange(first, highest, device=state.device)
                 committed = (positions[None] < frontier[:, None])[..., None]
                 inputs = torch.where(committed, fed[:, first:highest], inputs)
-            fed[:, first:highest] = inputs
+                fed[:, first:highest] = inputs
             cache.truncate(base + lowest - chunk.start)
             params = self.transformer.evaluate_block(
                 block_index, guidance.batch(inputs).to(dtype), cache, rotary, prepend_sos=prepend_sos
@@ -516,8 +518,9 @@ class StarFlowSamplingMixin:
             )
             if output.diverged:
                 raise FlowSolveDivergedError(block_index, len(self.transformer.blocks), chunk, int(evaluations.max()))
-            frontier = torch.tensor(output.frontier, dtype=torch.long, device=state.device)
-            lowest = min(output.frontier)
+            frontiers = output.frontier
+            frontier = torch.tensor(frontiers, dtype=torch.long, device=state.device)
+            lowest = min(frontiers)
 
     def invert_shallow_blocks(self, tokens: torch.Tensor, grid) -> torch.Tensor:
         """Invert shallow blocks K-2 ... 0 (no text, no guidance); tokens are (B, T, F, D) float32."""

@@ -190,6 +190,20 @@ def check_args(args: argparse.Namespace) -> None:
     scan_data_dir(args.data_dir)  # empty folder, missing captions
 
 
+def check_fsdp_dtypes(fsdp_version: Optional[int], weight_dtype: "torch.dtype") -> None:
+    """FSDP1 flattens each wrapped unit into one tensor of one dtype: it cannot hold frozen bf16/fp16 weights
+    next to the fp32 LoRA parameters (`prepare` fails deep inside with "Must flatten tensors with uniform
+    dtype"). Say so before anything is loaded. FSDP2 shards each parameter on its own and has no such limit."""
+    import torch
+
+    if fsdp_version == 1 and weight_dtype != torch.float32:
+        raise ValueError(
+            "FSDP1 cannot train LoRA adapters (fp32) on frozen half-precision weights: it flattens every wrapped "
+            "unit into one tensor of a single dtype. Set `fsdp_version: 2` in your accelerate config, or use "
+            "DDP, or --mixed_precision no."
+        )
+
+
 def _unknown_target_message(unknown: Sequence[str], valid_paths: Sequence[str] = ()) -> str:
     example = f" (e.g. {', '.join(valid_paths[:3])}, ...)" if valid_paths else ""
     return (
@@ -274,6 +288,8 @@ def train(args: argparse.Namespace) -> str:
         diffusers.utils.logging.set_verbosity_error()
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    check_fsdp_dtypes(getattr(fsdp_plugin, "fsdp_version", None), weight_dtype)
 
     # ---- model -------------------------------------------------------------------------------------------
     pipe = StarFlowVPipeline.from_pretrained(args.pretrained_model_name_or_path)

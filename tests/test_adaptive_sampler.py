@@ -44,11 +44,9 @@ def _adaptive_step(scheduler, old, new_values, frontier, evaluations=None, noise
     sample = old.clone()
     evaluations = torch.zeros(batch, length, dtype=torch.int32) if evaluations is None else evaluations
     noise = torch.zeros_like(old) if noise is None else noise
-    shift, scale = new_values[:, 0:], torch.zeros_like(new_values)
-    start = min(frontier)
-    out = scheduler.step_adaptive(
-        (shift[:, start:], scale[:, start:]), chunk, sample, noise, start, torch.tensor(frontier), evaluations
-    )
+    start, end = scheduler.evaluation_range(chunk, frontier)
+    shift, scale = new_values[:, start:end], torch.zeros_like(new_values[:, start:end])
+    out = scheduler.step_adaptive((shift, scale), chunk, sample, noise, frontier, evaluations)
     return out, sample, evaluations
 
 

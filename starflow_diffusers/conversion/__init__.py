@@ -1,6 +1,11 @@
 from .._imports import lazy_exports
 
 
+# The written dtypes by their command-line names (torch's names as values) and the default shard size: here,
+# free of torch, so that `starflow-convert --help` and its argument errors need no torch.
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
 # Lazy, so that `starflow-convert --help` needs no torch.
 __getattr__, __dir__, __all__ = lazy_exports(
     __name__,

@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-
+from . import DEFAULT_MAX_SHARD_SIZE, TORCH_DTYPE_NAMES
 
 
 PROG = "starflow-convert"
@@ -23,11 +23,6 @@ PROG = "starflow-convert"
 EXIT_USER_ERROR = 2
 EXIT_OS_ERROR = 1
 EXIT_INTERRUPTED = 130
-
-
-# What the writer accepts, named here so that `--help` and argument errors need no torch (seconds to import).
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
-DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--transformer-only", action="store_true", help="write only the transformer folder (config.json + safetensors)"
     )
     parser.add_argument(
-        "--dtype", choices=DTYPE_NAMES, default="fp32", help="dtype of the written weights (default: fp32)"
+        "--dtype", choices=list(TORCH_DTYPE_NAMES), default="fp32", help="dtype of the written weights (default: fp32)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     parser.add_argument(

@@ -410,8 +410,10 @@ def pipeline_from_single_file(pipeline_class, checkpoint_path: str, config: Opti
     unknown = sorted(set(components) - allowed)
     if unknown:
         raise ConversionError(f"unknown argument(s) {', '.join(unknown)}; components are {', '.join(sorted(allowed))}.")
+    from ..pipelines.pipeline_starflow_v import StarFlowVPipeline
+
     transformer, args = transformer_from_single_file(checkpoint_path, config, torch_dtype)
-    wants_video = pipeline_class.__name__.startswith("StarFlowV")
+    wants_video = issubclass(pipeline_class, StarFlowVPipeline)
     if transformer.config.is_video != wants_video:
         kind = "a video" if transformer.config.is_video else "an image"
         raise ConversionError(

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from diffusers.utils.constants import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
 
+from . import DEFAULT_MAX_SHARD_SIZE, TORCH_DTYPE_NAMES
 from .convert_starflow import (
     ConversionError,
     build_empty_model,
@@ -31,8 +32,7 @@ from .convert_starflow import (
 )
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_MAX_SHARD_SIZE = "5GB"
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in TORCH_DTYPE_NAMES.items()}
 # Decimal units, as in `ModelMixin.save_pretrained(max_shard_size=...)`.
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*$", re.IGNORECASE)

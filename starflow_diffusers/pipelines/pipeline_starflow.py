@@ -108,8 +108,11 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
         elif vae_scale_factor is None:
             pixels = transformer is not None and transformer.config.in_channels == PIXEL_CHANNELS
             vae_scale_factor = 1 if pixels else SD_VAE_SCALE_FACTOR
+        self.vae_scale_factor = vae_scale_factor
+        # the name the shared size helpers read
+        self.vae_scale_factor_spatial = self.vae_scale_factor
         if base_frame_size is None and transformer is not None:
-            base_frame_size = transformer.config.sample_size * vae_scale_factor * transformer.config.patch_size
+            base_frame_size = transformer.config.sample_size * self.spatial_multiple
         self.register_to_config(
             aspect_ratio_conditioning=aspect_ratio_conditioning,
             noise_level_conditioning=noise_level_conditioning,
@@ -118,9 +121,6 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
             vae_scale_factor=vae_scale_factor,
             **self.standalone_text_settings(transformer, noise_level, max_text_length),
         )
-        self.vae_scale_factor = vae_scale_factor
-        # the name the shared size helpers read
-        self.vae_scale_factor_spatial = self.vae_scale_factor
         latent_channels = vae.config.latent_channels if vae is not None else 4
         self.image_processor = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, vae_latent_channels=latent_channels

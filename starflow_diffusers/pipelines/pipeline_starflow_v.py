@@ -131,7 +131,7 @@ class StarFlowVPipeline(
         self.vae_scale_factor_temporal = vae_scale_factor_temporal
         self.vae_scale_factor_spatial = vae_scale_factor_spatial
         if base_frame_size is None and transformer is not None:
-            base_frame_size = transformer.config.sample_size * vae_scale_factor_spatial * transformer.config.patch_size
+            base_frame_size = transformer.config.sample_size * self.spatial_multiple
         self.register_to_config(
             fps_conditioning=fps_conditioning,
             noise_level_conditioning=noise_level_conditioning,

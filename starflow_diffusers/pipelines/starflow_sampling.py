@@ -412,6 +412,12 @@ class StarFlowSamplingMixin:
         return getattr(self, "_compute_dtype", None) or self.transformer.dtype
 
     @contextlib.contextmanager
+    def _solving(self):
+        """What a whole solve holds: the compute dtype, and the LoRA scale of the call's `attention_kwargs`."""
+        with self._holding_compute_dtype(), lora_scale(self.transformer, (self._attention_kwargs or {}).get("scale")):
+            yield
+
+    @contextlib.contextmanager
     def _holding_compute_dtype(self):
         previous = getattr(self, "_compute_dtype", None)
         self._compute_dtype = previous or self.transformer.dtype
@@ -494,18 +500,17 @@ class StarFlowSamplingMixin:
                 state[:, first:last] = state[:, first - offset : last - offset]
         batch = state.shape[0]
         frontiers = [chunk.start] * batch  # on the host: the step returns them with its one sync
-        frontier = torch.full((batch,), chunk.start, dtype=torch.long, device=state.device)
         evaluations = torch.zeros(state.shape[:2], dtype=torch.int32, device=state.device)
         # fed[:, p]: the input position p was last evaluated with (only a batch can need it again)
         fed = torch.empty_like(state) if batch > 1 else None
         base = cache.length
-        lowest = chunk.start
-        while lowest < chunk.end:
-            highest = max(min(f + chunk.sliding_window, chunk.end) for f in frontiers)
+        while min(frontiers) < chunk.end:
+            lowest, highest = scheduler.evaluation_range(chunk, frontiers)
             inputs, prepend_sos = scheduler.shifted_inputs(state, lowest, highest)
             if fed is not None:
                 first = max(lowest, 1)  # position 0's input is the SOS vector
                 positions = torch.arange(first, highest, device=state.device)
+                frontier = torch.tensor(frontiers, device=state.device)
                 committed = (positions[None] < frontier[:, None])[..., None]
                 inputs = torch.where(committed, fed[:, first:highest], inputs)
                 fed[:, first:highest] = inputs
@@ -514,13 +519,11 @@ class StarFlowSamplingMixin:
                 block_index, guidance.batch(inputs).to(dtype), cache, rotary, prepend_sos=prepend_sos
             )
             output = scheduler.step_adaptive(
-                guidance.combine(params), chunk, state, noise, lowest, frontier, evaluations, threshold=threshold
+                guidance.combine(params), chunk, state, noise, frontiers, evaluations, threshold=threshold
             )
             if output.diverged:
                 raise FlowSolveDivergedError(block_index, len(self.transformer.blocks), chunk, int(evaluations.max()))
             frontiers = output.frontier
-            frontier = torch.tensor(frontiers, dtype=torch.long, device=state.device)
-            lowest = min(frontiers)
 
     def invert_shallow_blocks(self, tokens: torch.Tensor, grid) -> torch.Tensor:
         """Invert shallow blocks K-2 ... 0 (no text, no guidance); tokens are (B, T, F, D) float32."""
@@ -689,7 +692,7 @@ class StarFlowSamplingMixin:
         block's cache, and the solve continues after them; the output keeps all T frames."""
         b, _, t, h, w = noise.shape
         p = self.transformer.config.patch_size
-        with self._holding_compute_dtype(), lora_scale(self.transformer, (self._attention_kwargs or {}).get("scale")):
+        with self._solving():
             for progress in self._solve_deep_block(
                 noise, prompt_embeds, negative_prompt_embeds, callback_on_step_end,
                 callback_on_step_end_tensor_inputs, context_latents,

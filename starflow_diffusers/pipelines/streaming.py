@@ -15,7 +15,7 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify as wan_unpatchify
 
-from .starflow_sampling import DeepSolveProgress, lora_scale
+from .starflow_sampling import DeepSolveProgress
 
 
 class StarFlowVStreamingMixin:
@@ -186,7 +186,7 @@ class StarFlowVStreamingMixin:
                 yield frames[:, :, emitted:final].clone()
                 emitted = final
 
-        with self._holding_compute_dtype(), lora_scale(self.transformer, (self._attention_kwargs or {}).get("scale")):
+        with self._solving():
             progress = None
             for progress in self._solve_deep_block(
                 noise, prompt_embeds, negative_prompt_embeds, callback_on_step_end,

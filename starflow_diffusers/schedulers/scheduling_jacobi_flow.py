@@ -341,9 +341,14 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
             )
         return shift, scale
 
-    def window_ends(self, chunk: FlowChunk, frontier: torch.Tensor) -> torch.Tensor:
-        """`mode="adaptive"`: per sequence, the end of its sliding window (B,) given its frontier (B,)."""
-        return (frontier + chunk.sliding_window).clamp(max=chunk.end)
+    @staticmethod
+    def window_end(chunk: FlowChunk, frontier: int) -> int:
+        """`mode="adaptive"`: the end of a sequence's sliding window, given its first uncommitted token."""
+        return min(frontier + chunk.sliding_window, chunk.end)
+
+    def evaluation_range(self, chunk: FlowChunk, frontiers: List[int]) -> Tuple[int, int]:
+        """`mode="adaptive"`: the tokens [start, end) one network call evaluates: every sequence's window."""
+        return min(frontiers), max(self.window_end(chunk, f) for f in frontiers)
 
     def step_adaptive(
         self,
@@ -351,26 +356,31 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         chunk: FlowChunk,
         sample: torch.Tensor,
         noise: torch.Tensor,
-        start: int,
-        frontier: torch.Tensor,
+        frontiers: List[int],
         evaluations: torch.Tensor,
         return_dict: bool = True,
         threshold: Optional[float] = None,
     ) -> Union[AdaptiveFlowStepOutput, Tuple]:
-        """One sliding-window update (`mode="adaptive"`): the network ran tokens [start, start + n) of every
-        sequence; each sequence updates its own window [frontier, window end) and commits its converged prefix.
+        """One sliding-window update (`mode="adaptive"`): the network ran the tokens of `evaluation_range` of
+        every sequence; each sequence updates its own window [frontier, window end) and commits its converged
+        prefix.
 
         Args:
-            model_output: float32 (shift, scale) of tokens [start, start + n), one per sequence as in `step`.
-            frontier: (B,) long, per sequence the first uncommitted token (>= start).
+            model_output: float32 (shift, scale) of the tokens of `evaluation_range(chunk, frontiers)`, one per
+                sequence as in `step`.
+            frontiers: per sequence, the first uncommitted token.
             evaluations: (B, N) int32 count of evaluations of each token, updated in place.
             threshold: the convergence threshold (`threshold_for` the block); None means `threshold`.
         """
         threshold = self.config.threshold if threshold is None else threshold
         shift, scale = self._check_model_output(model_output, sample)
-        end = start + shift.shape[1]
+        start, end = self.evaluation_range(chunk, frontiers)
+        if shift.shape[1] != end - start:
+            raise ValueError(f"`model_output` holds {shift.shape[1]} tokens; the evaluation range has {end - start}.")
+        frontier = torch.tensor(frontiers, device=sample.device)
+        window_end = torch.tensor([self.window_end(chunk, f) for f in frontiers], device=sample.device)
         positions = torch.arange(start, end, device=sample.device)
-        active = (positions >= frontier[:, None]) & (positions < self.window_ends(chunk, frontier)[:, None])
+        active = (positions >= frontier[:, None]) & (positions < window_end[:, None])
         new = shift + scale * noise[:, start:end]
         old = sample[:, start:end]
         change = (new - old).square().mean(-1)
@@ -386,7 +396,7 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         index = (offset[:, None] + torch.arange(end - start, device=sample.device)).clamp(max=end - start - 1)
         run = torch.gather(settled, 1, index).cumprod(1).sum(1)
         forced = torch.gather(counts >= self.config.max_iterations, 1, index).cumprod(1).sum(1)
-        advanced = torch.minimum(frontier + torch.maximum(run + 1, forced), self.window_ends(chunk, frontier))
+        advanced = torch.minimum(frontier + torch.maximum(run + 1, forced), window_end)
         finite = torch.isfinite(torch.where(active[..., None], new, 0.0)).all()
         *frontier_list, finite = torch.cat([advanced, finite.long()[None]]).tolist()
         if not return_dict:

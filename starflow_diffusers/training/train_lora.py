@@ -20,9 +20,13 @@ import logging
 import math
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from .._imports import quiet_third_party_import
+
+
+if TYPE_CHECKING:
+    import torch
 
 
 logger = logging.getLogger("starflow_diffusers.train_lora")

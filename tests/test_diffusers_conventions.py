@@ -204,3 +204,20 @@ def test_the_call_example_runs_with_the_bundled_model(pipeline_class, tmp_path, 
 def test_the_image_example_is_valid_python():
     # it needs the converted 3B model, which cannot be downloaded here
     compile(_example_code(StarFlowPipeline), "<StarFlowPipeline example>", "exec")
+
+
+@pytest.mark.parametrize("pipeline_class, name, value", [
+    (StarFlowVPipeline, "noise_level", float("nan")),
+    (StarFlowVPipeline, "noise_level", -0.1),
+    (StarFlowVPipeline, "max_text_length", 0),
+    (StarFlowVPipeline, "vae_scale_factor_spatial", 0),
+    (StarFlowVPipeline, "vae_scale_factor_temporal", 2.5),
+    (StarFlowVPipeline, "base_frame_size", -32),
+    (StarFlowPipeline, "vae_scale_factor", "8"),
+    (StarFlowPipeline, "noise_level", float("inf")),
+])
+def test_bad_pipeline_config_values_name_the_argument(pipeline_class, name, value):
+    components = tiny_image_pipeline_components() if pipeline_class is StarFlowPipeline else tiny_pipeline_components()
+    components["vae"] = None
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        pipeline_class(**components, **{name: value})

@@ -103,6 +103,7 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
             transformer=transformer, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae
         )
         parse_aspect_ratio(default_aspect_ratio)
+        check_sizes(vae_scale_factor=vae_scale_factor, base_frame_size=base_frame_size)
         if vae is not None:
             vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         elif vae_scale_factor is None:

@@ -121,6 +121,10 @@ class StarFlowVPipeline(
             transformer=transformer, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae
         )
         parse_aspect_ratio(default_aspect_ratio)
+        check_sizes(
+            vae_scale_factor_temporal=vae_scale_factor_temporal, vae_scale_factor_spatial=vae_scale_factor_spatial,
+            base_frame_size=base_frame_size,
+        )
         if vae is not None:
             vae_scale_factor_temporal = vae.config.scale_factor_temporal
             vae_scale_factor_spatial = vae.config.scale_factor_spatial

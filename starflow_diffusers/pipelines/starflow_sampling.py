@@ -155,6 +155,9 @@ class StarFlowSamplingMixin:
     ) -> Dict[str, Any]:
         """The prompt template's noise level and the padding length, from the arguments or else from the
         transformer, for the pipeline's config: `encode_prompt` then needs only the tokenizer and text encoder."""
+        if noise_level is not None and not (_is_finite_number(noise_level) and noise_level >= 0):
+            raise ValueError(f"`noise_level` must be None or a finite number >= 0, got {noise_level!r}.")
+        check_sizes(max_text_length=max_text_length)
         if transformer is not None:
             noise_level = float(transformer.config.noise_std) if noise_level is None else noise_level
             max_text_length = max_text_length or transformer.config.max_text_length

@@ -392,15 +392,3 @@ def test_two_process_cpu_launch_saves_one_lora(tiny_model_dir, shapes_dir, tmp_p
              for f in files if f.endswith(".safetensors")]
     assert sorted(saved) == ["checkpoint-4/pytorch_lora_weights.safetensors", "pytorch_lora_weights.safetensors"]
     assert _lora_tensors(output_dir)
-
-
-def test_fsdp1_with_half_precision_weights_is_refused_with_a_clear_error():
-    """FSDP1 would fail inside `prepare` ("Must flatten tensors with uniform dtype"): say why before loading."""
-    from starflow_diffusers.training.train_lora import check_fsdp_dtypes
-
-    with pytest.raises(ValueError, match="fsdp_version: 2"):
-        check_fsdp_dtypes(1, torch.bfloat16)
-    with pytest.raises(ValueError, match="FSDP1"):
-        check_fsdp_dtypes(1, torch.float16)
-    for version, dtype in ((1, torch.float32), (2, torch.bfloat16), (None, torch.bfloat16)):
-        check_fsdp_dtypes(version, dtype)  # uniform dtypes, FSDP2 and no FSDP are fine

@@ -117,7 +117,8 @@ def test_a_single_backward_gives_the_same_gradients_in_one_call():
             train_denoiser=True, single_backward=single,
         )
         metrics = train_micro_batch(
-            accelerator, module, pipe, latents, ["a red circle", "a dog"], settings, torch.Generator().manual_seed(1)
+            accelerator, module, pipe, latents, ["a red circle", "a dog"], settings,
+            [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)], torch.Generator().manual_seed(3),
         )
         grads[single] = {n: p.grad.clone() for n, p in pipe.transformer.named_parameters() if p.grad is not None}
         calls[single], losses[single] = accelerator.backward_calls, metrics

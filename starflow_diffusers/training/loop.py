@@ -4,11 +4,15 @@
 `run_training_loop` runs epochs of micro-batches until `max_train_steps` optimizer updates: each micro-batch
 applies the shared objective (`training.objective`: first-frame and caption drops, noise augmentation,
 flow NLL and, optionally, the denoiser's flow-score matching), gradients are clipped per parameter group
-and the trainer's `on_update(step, logs)` saves checkpoints and runs validation. Every random draw of a
-micro-batch comes from `step_generator(seed, micro step, process)`, and checkpoints record the update
-count, so a resumed run reproduces an uninterrupted one.
+and the trainer's `on_update(step, logs)` saves checkpoints and runs validation.
+
+Every random draw of a sample (VAE sample, caption drop, training noise) comes from a generator of
+(seed, micro step, position in the global batch), and the batch-wide first-frame drop from one of (seed,
+micro step): a run gives the same draws whatever the number of processes it is split over, and, as
+checkpoints record the update count, a resumed run reproduces an uninterrupted one.
 """
 
+import json
 import logging
 import os
 import re
@@ -30,6 +34,9 @@ from .objective import (
 
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# One JSON line per optimizer update ({"step": ..., "loss": ..., ...}) in the trainers' logging folder, written
+# whatever tracker is used. A resumed run appends: a step logged twice keeps its last line.
+METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -63,10 +70,20 @@ class FlowStepSettings:
     single_backward: bool = False
 
 
-def step_generator(seed: int, micro_step: int, process_index: int, device) -> torch.Generator:
-    """The generator of one micro-batch: a pure function of (seed, micro step, process)."""
-    state = np.random.SeedSequence([seed, micro_step, process_index]).generate_state(1, dtype=np.uint64)[0]
+def _seeded_generator(entropy: Sequence[int], device) -> torch.Generator:
+    state = np.random.SeedSequence(list(entropy)).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator(device=device).manual_seed(int(state) & (2**63 - 1))
+
+
+def batch_generator(seed: int, micro_step: int, device) -> torch.Generator:
+    """The generator of a micro-batch's batch-wide draws, the same on every process."""
+    return _seeded_generator([seed, micro_step, 0], device)
+
+
+def sample_generators(seed: int, micro_step: int, first_position: int, count: int, device) -> List[torch.Generator]:
+    """One generator per sample, from its position in the global micro-batch (process index x local batch
+    size + index): one process with a batch of 4 draws what two processes with batches of 2 draw."""
+    return [_seeded_generator([seed, micro_step, 1, first_position + i], device) for i in range(count)]
 
 
 def list_checkpoints(output_dir: str) -> List[str]:
@@ -132,19 +149,25 @@ def train_micro_batch(
     latents: torch.Tensor,
     captions: Sequence[str],
     settings: FlowStepSettings,
-    generator: torch.Generator,
+    generators: Sequence[torch.Generator],
+    shared_generator: torch.Generator,
 ) -> Dict[str, torch.Tensor]:
     """Forward and backward of the objective on one micro-batch of model-space latents; returns the detached
-    flow loss, mean bits/dim and (with `train_denoiser`) the denoiser loss."""
+    flow loss, mean bits/dim and (with `train_denoiser`) the denoiser loss.
+
+    Args:
+        generators: one per sample (`sample_generators`): its caption drop and training noise.
+        shared_generator: the batch-wide first-frame drop (`batch_generator`).
+    """
     with torch.no_grad():
-        latents, captions = drop_first_frame(latents, captions, settings.drop_first_frame, generator)
-        captions = drop_captions(captions, settings.caption_dropout, generator)
+        latents, captions = drop_first_frame(latents, captions, settings.drop_first_frame, shared_generator)
+        captions = drop_captions(captions, settings.caption_dropout, generators)
         prompt_embeds, _ = pipe.encode_prompt(
             captions, do_classifier_free_guidance=False, fps=settings.fps, aspect_ratio=settings.aspect_ratio,
             device=accelerator.device,
         )
         prompt_embeds = prompt_embeds.to(pipe.transformer.dtype)  # (encode_prompt keeps the text encoder's)
-        noisy = add_training_noise(latents, settings.noise_std, generator)
+        noisy = add_training_noise(latents, settings.noise_std, generators)
     noisy.requires_grad_(settings.train_denoiser)
     with accelerator.autocast():
         flow = flow_nll_loss(
@@ -185,19 +208,21 @@ def run_training_loop(
     lr_scheduler,
     param_groups: Sequence[Sequence[torch.nn.Parameter]],
     settings: FlowStepSettings,
-    model_inputs: Callable[[dict, torch.Generator], torch.Tensor],
+    model_inputs: Callable[[dict, List[torch.Generator]], torch.Tensor],
     max_train_steps: int,
     seed: int,
     global_step: int = 0,
     on_update: Optional[Callable[[int, Dict[str, float]], None]] = None,
+    metrics_path: Optional[str] = None,
 ) -> int:
     """Train from update `global_step` to `max_train_steps`; returns the final update count.
 
     Args:
         dataloader: an accelerate-prepared loader whose sampler has `set_epoch` (`EpochShuffleSampler`).
         param_groups: parameters clipped together (the flow's and the denoiser's losses have their own scales).
-        model_inputs: a batch and the micro-batch generator -> model-space latents (B, C, T, H, W).
+        model_inputs: a batch and its per-sample generators -> model-space latents (B, C, T, H, W).
         on_update: called after every optimizer update with the step and its logged values.
+        metrics_path: where the main process appends each update's logged values (`METRICS_FILE`).
     """
     from tqdm.auto import tqdm
 
@@ -215,14 +240,14 @@ def run_training_loop(
         if epoch == first_epoch and skip_batches:
             batches = accelerator.skip_first_batches(dataloader, skip_batches)
         for batch_index, batch in enumerate(batches, start=skip_batches if epoch == first_epoch else 0):
-            generator = step_generator(
-                seed, epoch * len(dataloader) + batch_index, accelerator.process_index, accelerator.device
-            )
+            micro_step, size = epoch * len(dataloader) + batch_index, len(batch["caption"])
+            generators = sample_generators(seed, micro_step, accelerator.process_index * size, size, accelerator.device)
             with accelerator.accumulate(training_module):
                 with torch.no_grad():
-                    latents = model_inputs(batch, generator)
+                    latents = model_inputs(batch, generators)
                 metrics = train_micro_batch(
-                    accelerator, training_module, pipe, latents, batch["caption"], settings, generator
+                    accelerator, training_module, pipe, latents, batch["caption"], settings, generators,
+                    batch_generator(seed, micro_step, accelerator.device),
                 )
                 for name, value in metrics.items():
                     window.setdefault(name, []).append(value)
@@ -243,6 +268,10 @@ def run_training_loop(
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", bpd=f"{logs['bits_per_dim']:.4f}")
             accelerator.log(logs, step=global_step)
+            if metrics_path is not None and accelerator.is_main_process:
+                os.makedirs(os.path.dirname(metrics_path), exist_ok=True)
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": global_step, **logs}) + "\n")
             if on_update is not None:
                 on_update(global_step, logs)
             if global_step >= max_train_steps:

@@ -17,15 +17,19 @@ One training step on model-space latents x (VAE-normalised, or pixels in [-1, 1]
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.transformer_starflow_v import StarFlowVTransformer, StarFlowVTransformerOutput
 from ..pipelines.prompt_template import EXTEND_CAPTION_PREFIX
 
+
+# One generator, or one per sample (a sample's draws are then independent of the batch it is in).
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 # Noise level the sigma / 0.3 loss weight is relative to (the original `cond_noise_level` training).
 REFERENCE_NOISE_STD = 0.3
@@ -39,24 +43,32 @@ def nll_loss_weight(noise_std: float, noise_level_conditioning: bool) -> Optiona
 def add_training_noise(
     latents: torch.Tensor,
     noise_std: float,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     noise: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """x + sigma * eps, eps ~ N(0, I) drawn from `generator` (or the given standard-normal `noise`)."""
+    """x + sigma * eps, eps ~ N(0, I) drawn from `generator` (one, or a list of one per sample) or the given
+    standard-normal `noise`."""
     if noise is None:
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        generator = list(generator) if isinstance(generator, (list, tuple)) else generator
+        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     elif noise.shape != latents.shape:
         raise ValueError(f"`noise` shape {tuple(noise.shape)} != latents shape {tuple(latents.shape)}.")
     return latents + noise_std * noise
 
 
-def drop_captions(captions: Sequence[str], probability: float, generator: Optional[torch.Generator] = None) -> List[str]:
-    """Replace each caption by "" with `probability`. The prompt template is applied afterwards, so a dropped
-    caption still carries the fps / noise-level / aspect-ratio lines, as the unconditional prompt does."""
+def drop_captions(captions: Sequence[str], probability: float, generator: Generators = None) -> List[str]:
+    """Replace each caption by "" with `probability` (drawn from `generator`, or from each caption's own
+    generator of a list). The prompt template is applied afterwards, so a dropped caption still carries
+    the fps / noise-level / aspect-ratio lines, as the unconditional prompt does."""
     _check_probability("caption dropout", probability)
     if probability == 0:
         return list(captions)
-    draws = torch.rand(len(captions), generator=generator, device=_device_of(generator))
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != len(captions):
+            raise ValueError(f"{len(generator)} generators for {len(captions)} captions.")
+        draws = torch.stack([torch.rand((), generator=g, device=g.device).cpu() for g in generator])
+    else:
+        draws = torch.rand(len(captions), generator=generator, device=_device_of(generator))
     return ["" if draw < probability else caption for caption, draw in zip(captions, draws.tolist())]
 
 
@@ -141,6 +153,9 @@ def denoiser_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 class StarFlowTrainingModule(nn.Module):
     """Routes the flow (`denoise=False`: the (sample, logdet, block_logdets) tuple) and the learned denoiser
     (`denoise=True`: its prediction) through one `forward`."""
+
+    # FSDP wraps each transformer layer as its own unit (accelerate reads this from the prepared module)
+    _no_split_modules = StarFlowVTransformer._no_split_modules
 
     def __init__(self, transformer: StarFlowVTransformer):
         super().__init__()

@@ -406,7 +406,15 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
 
         from ..models.transformer_starflow_v import StarFlowVTransformer
         from .data import EpochShuffleSampler, VideoCaptionDataset, collate_clips
-        from .loop import FlowStepSettings, remove_incomplete_checkpoints, resume_from_checkpoint as resume, run_training_loop, save_checkpoint
+        from .distributed import (
+            check_fsdp_version,
+            fsdp_version,
+            gathered_state_dict,
+            is_sharded,
+            trainable_parameter_groups,
+            unsharded_copy,
+        )
+        from .loop import METRICS_FILE, FlowStepSettings, remove_incomplete_checkpoints, resume_from_checkpoint as resume, run_training_loop, save_checkpoint
         from .objective import StarFlowTrainingModule
 
     training = config["training"]
@@ -429,6 +437,8 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
     device = accelerator.device
+    check_fsdp_version(fsdp_version(accelerator))
+    sharded = is_sharded(accelerator)
     set_seed(training["seed"])
 
     # ---- model and data ------------------------------------------------------------------------------------
@@ -441,12 +451,11 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         transformer.enable_gradient_checkpointing()
     transformer.train()
     training_module = StarFlowTrainingModule(transformer)
-    flow_params = [p for n, p in transformer.named_parameters() if not n.startswith("denoiser.")]
-    denoiser_params = [p for n, p in transformer.named_parameters() if n.startswith("denoiser.")]
     if not training["train_denoiser"]:
-        for param in denoiser_params:
-            param.requires_grad_(False)
-        denoiser_params = []
+        for name, param in transformer.named_parameters():
+            if name.startswith("denoiser."):
+                param.requires_grad_(False)
+    flow_params, denoiser_params = trainable_parameter_groups(transformer)
 
     data = config["data"]
     dataset = build_dataset(config)
@@ -470,15 +479,28 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
     training_module, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         training_module, optimizer, dataloader, lr_scheduler
     )
+    flow_params, denoiser_params = trainable_parameter_groups(transformer)  # FSDP2 replaced them by shards
 
-    # checkpoints hold the transformer as a diffusers model folder (loadable on its own) plus accelerate's states
+    def unsharded_transformer():
+        """The transformer itself, or under FSDP2 a gathered, unsharded copy on the main process (None on the
+        others; collective: call it on every process)."""
+        if not sharded:
+            return transformer
+        state = gathered_state_dict(accelerator, training_module, prefix="transformer.")
+        return unsharded_copy(transformer, state) if accelerator.is_main_process else None
+
+    # checkpoints hold the transformer as a diffusers model folder (loadable on its own) plus accelerate's
+    # states; under FSDP2 accelerate also writes every process's shards, which it reloads itself
     def save_model_hook(models, weights, checkpoint_dir):
         for _ in range(len(weights)):
             weights.pop()
+        whole = unsharded_transformer()
         if accelerator.is_main_process:
-            transformer.save_pretrained(os.path.join(checkpoint_dir, "transformer"), safe_serialization=True)
+            whole.save_pretrained(os.path.join(checkpoint_dir, "transformer"), safe_serialization=True)
 
     def load_model_hook(models, checkpoint_dir):
+        if sharded:
+            return
         models.clear()
         saved = StarFlowVTransformer.from_pretrained(os.path.join(checkpoint_dir, "transformer"))
         transformer.load_state_dict(saved.state_dict())
@@ -503,14 +525,15 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         f"{training['max_train_steps']} steps of {total_batch} clips of {frames}x{height}x{width} on {device}"
     )
 
-    def run_validation(step: int) -> None:
+    def run_validation(step: int, whole) -> None:
         transformer.eval()
+        validation_pipe = pipe if whole is transformer else type(pipe).from_pipe(pipe, transformer=whole.to(device))
         folder = os.path.join(output_dir, "validation")
         os.makedirs(folder, exist_ok=True)
         for index, prompt in enumerate(training["validation_prompts"]):
             generator = torch.Generator(device=device).manual_seed(training["seed"] + index)
             with accelerator.autocast():
-                video = pipe(
+                video = validation_pipe(
                     prompt, height=height, width=width, num_frames=frames, fps=data["fps"],
                     guidance_scale=training["validation_guidance_scale"], generator=generator,
                 ).frames[0]
@@ -524,8 +547,10 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         if step % training["checkpointing_steps"] == 0 or step == training["max_train_steps"]:
             save_checkpoint(accelerator, output_dir, step, training["checkpoints_total_limit"], logger)
         if training["validation_prompts"] and step % training["validation_steps"] == 0:
+            whole = unsharded_transformer()
             if accelerator.is_main_process:
-                run_validation(step)
+                run_validation(step, whole)
+            del whole
             accelerator.wait_for_everyone()
 
     settings = FlowStepSettings(
@@ -542,14 +567,16 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
     )
     run_training_loop(
         accelerator, training_module, pipe, dataloader, optimizer, lr_scheduler, [flow_params, denoiser_params],
-        settings, lambda batch, generator: batch["pixels"].to(device), training["max_train_steps"], training["seed"],
-        global_step, on_update,
+        settings, lambda batch, generators: batch["pixels"].to(device), training["max_train_steps"], training["seed"],
+        global_step, on_update, metrics_path=os.path.join(output_dir, "logs", METRICS_FILE),
     )
 
     accelerator.wait_for_everyone()
+    whole = unsharded_transformer()
     if accelerator.is_main_process:
-        transformer.eval()
-        save_pipeline(pipe, output_dir, getattr(torch, training["save_dtype"]))
+        whole.eval()
+        final_pipe = pipe if whole is transformer else type(pipe).from_pipe(pipe, transformer=whole)
+        save_pipeline(final_pipe, output_dir, getattr(torch, training["save_dtype"]))
         logger.info(f"Saved the pipeline to {output_dir}")
         if isinstance(dataset, VideoCaptionDataset) and dataset.num_skipped:
             logger.warning(f"{dataset.num_skipped} file(s) were skipped: {sorted(dataset.skipped)[:5]}")

@@ -194,20 +194,6 @@ def check_args(args: argparse.Namespace) -> None:
     scan_data_dir(args.data_dir)  # empty folder, missing captions
 
 
-def check_fsdp_dtypes(fsdp_version: Optional[int], weight_dtype: "torch.dtype") -> None:
-    """FSDP1 flattens each wrapped unit into one tensor of one dtype: it cannot hold frozen bf16/fp16 weights
-    next to the fp32 LoRA parameters (`prepare` fails deep inside with "Must flatten tensors with uniform
-    dtype"). Say so before anything is loaded. FSDP2 shards each parameter on its own and has no such limit."""
-    import torch
-
-    if fsdp_version == 1 and weight_dtype != torch.float32:
-        raise ValueError(
-            "FSDP1 cannot train LoRA adapters (fp32) on frozen half-precision weights: it flattens every wrapped "
-            "unit into one tensor of a single dtype. Set `fsdp_version: 2` in your accelerate config, or use "
-            "DDP, or --mixed_precision no."
-        )
-
-
 def _unknown_target_message(unknown: Sequence[str], valid_paths: Sequence[str] = ()) -> str:
     example = f" (e.g. {', '.join(valid_paths[:3])}, ...)" if valid_paths else ""
     return (
@@ -261,7 +247,17 @@ def train(args: argparse.Namespace) -> str:
         from ..pipelines.pipeline_starflow_v import StarFlowVPipeline
         from ..pipelines.inputs import closest_trained_aspect_ratio
         from .data import EpochShuffleSampler, VideoCaptionDataset, cache_dataset, collate_clips
+        from .distributed import (
+            check_fsdp_version,
+            fsdp_version,
+            gather_tensors,
+            gathered_state_dict,
+            is_sharded,
+            trainable_parameter_groups,
+            unsharded_copy,
+        )
         from .loop import (
+            METRICS_FILE,
             FlowStepSettings,
             remove_incomplete_checkpoints,
             resume_from_checkpoint,
@@ -292,8 +288,8 @@ def train(args: argparse.Namespace) -> str:
         diffusers.utils.logging.set_verbosity_error()
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    check_fsdp_dtypes(getattr(fsdp_plugin, "fsdp_version", None), weight_dtype)
+    check_fsdp_version(fsdp_version(accelerator))
+    sharded = is_sharded(accelerator)
 
     # ---- model -------------------------------------------------------------------------------------------
     pipe = StarFlowVPipeline.from_pretrained(args.pretrained_model_name_or_path)
@@ -318,16 +314,18 @@ def train(args: argparse.Namespace) -> str:
 
     targets = resolve_target_modules(transformer, args.target_modules, args.train_denoiser)
     lora_alpha = args.lora_alpha if args.lora_alpha is not None else args.rank
-    transformer.add_adapter(
-        LoraConfig(r=args.rank, lora_alpha=lora_alpha, init_lora_weights=True, target_modules=targets),
-        adapter_name=ADAPTER_NAME,
-    )
+    # the LoRA's random A matrices come from --seed, the same on every process and in every run
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        transformer.add_adapter(
+            LoraConfig(r=args.rank, lora_alpha=lora_alpha, init_lora_weights=True, target_modules=targets),
+            adapter_name=ADAPTER_NAME,
+        )
     cast_training_params(transformer, dtype=torch.float32)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     training_module = StarFlowTrainingModule(transformer)
-    flow_params = [p for n, p in transformer.named_parameters() if p.requires_grad and not n.startswith("denoiser.")]
-    denoiser_params = [p for n, p in transformer.named_parameters() if p.requires_grad and n.startswith("denoiser.")]
+    flow_params, denoiser_params = trainable_parameter_groups(transformer)
 
     # ---- data --------------------------------------------------------------------------------------------
     dataset = VideoCaptionDataset(args.data_dir, height, width, num_frames, fps=args.fps)
@@ -361,24 +359,29 @@ def train(args: argparse.Namespace) -> str:
     training_module, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         training_module, optimizer, dataloader, lr_scheduler
     )
+    flow_params, denoiser_params = trainable_parameter_groups(transformer)  # FSDP2 replaced them by shards
 
-    def lora_state(model) -> Dict[str, torch.Tensor]:
-        return get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    def lora_state() -> Dict[str, torch.Tensor]:
+        """The LoRA's whole tensors (collective under FSDP2, where each process holds shards)."""
+        return gather_tensors(get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME))
 
     def save_lora(directory: str) -> str:
         StarFlowVPipeline.save_lora_weights(
-            directory, lora_state(transformer), is_main_process=accelerator.is_main_process,
+            directory, lora_state(), is_main_process=accelerator.is_main_process,
             transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER_NAME].to_dict(),
         )
         return os.path.join(directory, "pytorch_lora_weights.safetensors")
 
-    # accelerate checkpoints hold only the LoRA (in the diffusers format), not the frozen weights
+    # accelerate checkpoints hold the LoRA in the diffusers format and, without FSDP, not the frozen weights;
+    # under FSDP2 accelerate also writes every process's shards of the whole module, which it reloads itself
     def save_model_hook(models, weights, output_dir):
         for _ in range(len(weights)):
             weights.pop()
         save_lora(output_dir)
 
     def load_model_hook(models, input_dir):
+        if sharded:
+            return
         models.clear()
         state = StarFlowVPipeline.lora_state_dict(input_dir)
         state = {k.removeprefix("transformer."): v for k, v in state.items()}
@@ -405,11 +408,21 @@ def train(args: argparse.Namespace) -> str:
         f"{total_batch} clips of {num_frames}x{height}x{width}"
     )
 
-    def run_validation(step: int) -> None:
+    def validation_pipeline():
+        """`pipe` itself, or under FSDP2 a pipeline sharing its other components around a gathered, unsharded
+        copy of the transformer (collective: call it on every process; only the main one gets a pipeline)."""
+        if not sharded:
+            return pipe
+        state = gathered_state_dict(accelerator, training_module, prefix="transformer.")
+        if not accelerator.is_main_process:
+            return None
+        return StarFlowVPipeline.from_pipe(pipe, transformer=unsharded_copy(transformer, state).to(device))
+
+    def run_validation(step: int, validation_pipe) -> None:
         transformer.eval()
         generator = torch.Generator(device=device).manual_seed(args.seed)
         with accelerator.autocast():
-            video = pipe(
+            video = validation_pipe(
                 args.validation_prompt, height=height, width=width, num_frames=num_frames, fps=args.fps,
                 guidance_scale=args.validation_guidance_scale, generator=generator, output_type="np",
             ).frames[0]
@@ -423,7 +436,7 @@ def train(args: argparse.Namespace) -> str:
         logger.info(f"Validation video: {path}")
 
     def model_inputs(batch, generator) -> torch.Tensor:
-        """Model-space latents of a batch (VAE sample drawn with the step's generator)."""
+        """Model-space latents of a batch (VAE samples drawn with the per-sample generators)."""
         if "latent_parameters" in batch:
             posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(device))
             return pipe.normalize_latents(posterior.sample(generator=generator).float())
@@ -437,8 +450,10 @@ def train(args: argparse.Namespace) -> str:
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
             save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
         if args.validation_prompt and step % args.validation_steps == 0:
+            validation_pipe = validation_pipeline()
             if accelerator.is_main_process:
-                run_validation(step)
+                run_validation(step, validation_pipe)
+            del validation_pipe
             accelerator.wait_for_everyone()
 
     settings = FlowStepSettings(
@@ -457,14 +472,17 @@ def train(args: argparse.Namespace) -> str:
     global_step = run_training_loop(
         accelerator, training_module, pipe, dataloader, optimizer, lr_scheduler, [flow_params, denoiser_params],
         settings, model_inputs, args.max_train_steps, args.seed, global_step, on_update,
+        metrics_path=os.path.join(args.output_dir, args.logging_dir, METRICS_FILE),
     )
 
     accelerator.wait_for_everyone()
     lora_path = save_lora(args.output_dir)
+    final_validation = args.validation_prompt and global_step % args.validation_steps
+    validation_pipe = validation_pipeline() if final_validation else None
     if accelerator.is_main_process:
         logger.info(f"Saved the LoRA to {lora_path}")
-        if args.validation_prompt and global_step % args.validation_steps:
-            run_validation(global_step)
+        if final_validation:
+            run_validation(global_step, validation_pipe)
         if isinstance(dataset, VideoCaptionDataset) and dataset.num_skipped:
             logger.warning(f"{dataset.num_skipped} file(s) were skipped: {sorted(dataset.skipped)[:5]}")
     accelerator.end_training()

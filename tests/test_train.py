@@ -3,7 +3,10 @@ synthetic dataset it trains on."""
 
 import json
 import os
+import re
+import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -165,3 +168,142 @@ def test_synthetic_dataset_items_match_the_generated_clips():
         dataset[5]
     with pytest.raises(ValueError, match="num_clips"):
         SyntheticClipDataset(0)
+
+
+# ---- fine-tuning a saved (converted) pipeline ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finetune_setup(tmp_path_factory):
+    """A tiny latent-space pipeline with a Wan-style VAE, saved like a converted checkpoint, and 9-frame clips."""
+    from starflow_diffusers.testing_utils import tiny_pipeline
+    from starflow_diffusers.training import synthetic
+
+    model_dir = tmp_path_factory.mktemp("converted")
+    tiny_pipeline().save_pretrained(model_dir)
+    data_dir = tmp_path_factory.mktemp("clips") / "data"
+    synthetic.write_dataset(str(data_dir), num_train=8, num_test=2, size=32, num_frames=9)
+    return str(model_dir), str(data_dir / "train")
+
+
+def _finetune(tmp_path, setup, output, training=None, data=None, extra=()):
+    model_dir, data_dir = setup
+    config = {
+        "data": {"num_frames": 9, **(data or {})},
+        "training": {"max_train_steps": 4, "train_batch_size": 2, "checkpointing_steps": 2, "report_to": "none",
+                     "mixed_precision": "no", "lr_warmup_steps": 1, **(training or {})},
+    }
+    path = _write(tmp_path, config, f"{output}.yaml")
+    main(["--pretrained_model_name_or_path", model_dir, "--data_dir", data_dir, "--config", path,
+          "--output_dir", str(tmp_path / output), *extra])
+    return tmp_path / output
+
+
+def _changed(before, after, prefix):
+    return [k for k in before if k.startswith(prefix) and not torch.equal(before[k], after[k])]
+
+
+def test_finetuning_a_saved_pipeline_trains_every_weight_and_resumes_exactly(finetune_setup, tmp_path):
+    model_dir, _ = finetune_setup
+    straight = _finetune(tmp_path, finetune_setup, "straight")
+    pipe = StarFlowVPipeline.from_pretrained(str(straight))
+    assert pipe.vae is not None and pipe.transformer.config.in_channels == 48
+    config = json.loads((straight / "train_config.json").read_text())
+    # the original recipe's defaults: cosine to 1e-6, the denoiser at 1e-4 with AdamW's betas, clipping
+    # and skipping, the caption and first-frame drops, gradient checkpointing
+    assert config["pretrained_model_name_or_path"] == model_dir
+    assert {k: config["training"][k] for k in ("learning_rate", "min_learning_rate", "denoiser_learning_rate")} == {
+        "learning_rate": 5e-5, "min_learning_rate": 1e-6, "denoiser_learning_rate": 1e-4
+    }
+    assert config["training"]["drop_first_frame"] == 0.25 and config["training"]["caption_dropout"] == 0.1
+    assert config["training"]["skip_large_gradients_after"] == 100 and config["training"]["gradient_checkpointing"]
+    assert config["data"]["cache_latents"] and config["training"]["train_denoiser"]
+
+    from safetensors.torch import load_file
+
+    before = load_file(os.path.join(model_dir, "transformer", "diffusion_pytorch_model.safetensors"))
+    after = _weights(straight)
+    assert after["blocks.0.proj_in.weight"].dtype == torch.bfloat16  # save_dtype's fine-tuning default
+    after32 = {k: v.float() for k, v in after.items()}
+    assert _changed(before, after32, "blocks.0.") and _changed(before, after32, "blocks.2.")
+    assert _changed(before, after32, "denoiser.")
+    video = pipe(
+        "a red circle moving left", num_frames=9, height=32, width=32, generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).frames
+    assert video.shape == (1, 9, 32, 32, 3) and np.isfinite(video).all()
+
+    # a run killed after its step-2 checkpoint, resumed
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(straight / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = _finetune(tmp_path, finetune_setup, "resumed", extra=("--resume_from_checkpoint", "latest"))
+    for key, value in after.items():
+        torch.testing.assert_close(_weights(resumed)[key], value, rtol=0, atol=0)
+
+
+def test_updates_with_large_gradients_are_skipped(finetune_setup, tmp_path):
+    model_dir, _ = finetune_setup
+    tiny_norm = {"max_grad_norm": 1e-3, "save_dtype": "float32", "checkpointing_steps": 100, "lr_warmup_steps": 0}
+    skipping = _finetune(tmp_path, finetune_setup, "skipping", training={**tiny_norm, "skip_large_gradients_after": 1})
+    from safetensors.torch import load_file
+
+    before = load_file(os.path.join(model_dir, "transformer", "diffusion_pytorch_model.safetensors"))
+    logs = [json.loads(line) for line in (skipping / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_update"] for r in logs] == [0.0, 1.0, 1.0, 1.0]
+    assert all(r["grad_norm"] > 1e-3 and r["denoiser_grad_norm"] > 1e-3 for r in logs)
+    # the first update moved the weights; the three skipped ones left them as they were after it
+    first = _finetune(tmp_path, finetune_setup, "first", training={**tiny_norm, "max_train_steps": 1})
+    assert _changed(before, _weights(first), "blocks.")
+    for key, value in _weights(first).items():
+        torch.testing.assert_close(_weights(skipping)[key], value, rtol=0, atol=0)
+
+
+def test_learning_rates_warm_up_then_decay_per_group_to_the_floor():
+    from starflow_diffusers.training.train import FINETUNE_TRAINING_DEFAULTS, learning_rate_schedule
+
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.AdamW([{"params": params[:1], "lr": 5e-5}, {"params": params[1:], "lr": 1e-4}])
+    training = {**FINETUNE_TRAINING_DEFAULTS, "lr_warmup_steps": 10, "max_train_steps": 110}
+    schedule = learning_rate_schedule(optimizer, training, num_processes=1)
+    rates = []
+    for _ in range(111):
+        rates.append(schedule.get_last_lr())
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == [0.0, 0.0]
+    assert rates[10] == pytest.approx([5e-5, 1e-4]) and rates[5] == pytest.approx([2.5e-5, 5e-5])
+    assert rates[60] == pytest.approx([(5e-5 + 1e-6) / 2, (1e-4 + 1e-6) / 2])
+    assert rates[110] == pytest.approx([1e-6, 1e-6])
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"model": {"patch_size": 2}}, "come from --pretrained_model_name_or_path"),
+        ({"data": {"height": 40}}, "`data.height` must be a multiple of 16"),
+        ({"data": {"num_frames": 8}}, "`data.num_frames` must be 4k\\+1"),
+        ({"training": {"min_learning_rate": 1e-6, "lr_scheduler": "linear"}}, "floor of the cosine schedule"),
+        ({"training": {"skip_large_gradients_after": 10, "max_grad_norm": 0}}, "set it > 0"),
+        ({"training": {"denoiser_adam_betas": [0.9]}}, "`training.denoiser_adam_betas` must be two numbers"),
+        ({"data": {"synthetic": {"num_clips": 4}}}, "Unknown config key"),
+    ],
+)
+def test_bad_finetuning_configs_name_the_key(finetune_setup, tmp_path, capsys, config, message):
+    model_dir, data_dir = finetune_setup
+    path = _write(tmp_path, config)
+    with pytest.raises(SystemExit):
+        parse_args(["--pretrained_model_name_or_path", model_dir, "--data_dir", data_dir, "--config", path,
+                    "--output_dir", str(tmp_path / "out")])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_finetuning_needs_a_pipeline_folder_and_videos(finetune_setup, tmp_path, capsys):
+    model_dir, data_dir = finetune_setup
+    for argv, message in (
+        (["--output_dir", "out"], "--config is required"),
+        (["--pretrained_model_name_or_path", str(tmp_path), "--data_dir", data_dir, "--output_dir", "o"], "model_index.json is missing"),
+        (["--pretrained_model_name_or_path", model_dir, "--output_dir", "o"], "needs `data.data_dir`"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .distributed import full_tensor
 from .objective import (
     add_training_noise,
     denoiser_loss,
@@ -51,6 +52,9 @@ class FlowStepSettings:
         train_denoiser (`bool`): also fit the learned denoiser to the flow's score.
         gradient_accumulation_steps (`int`): micro-batches per optimizer update.
         max_grad_norm (`float`): per-group gradient clipping; 0 disables it.
+        skip_large_gradients_after (`int`, *optional*): after this many updates, an update where a group's
+            gradient norm (before clipping) exceeds `max_grad_norm` is skipped (its gradients are dropped; the
+            learning-rate schedule still advances), as the original trains with `grad_skip`. None: never.
         single_backward (`bool`): with `train_denoiser`, one backward of the summed flow and denoiser losses
             per micro-batch (the flow's input gradient, the score, is then taken with `torch.autograd.grad`
             first). DeepSpeed needs it: its engine steps at every backward of an accumulation boundary, so two
@@ -68,6 +72,7 @@ class FlowStepSettings:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     single_backward: bool = False
+    skip_large_gradients_after: Optional[int] = None
 
 
 def _seeded_generator(entropy: Sequence[int], device) -> torch.Generator:
@@ -251,10 +256,20 @@ def run_training_loop(
                 )
                 for name, value in metrics.items():
                     window.setdefault(name, []).append(value)
+                norms = []
                 if accelerator.sync_gradients and settings.max_grad_norm > 0:
-                    for params in param_groups:
-                        if params:
-                            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+                    norms = [
+                        accelerator.clip_grad_norm_(params, settings.max_grad_norm) if params else None
+                        for params in param_groups
+                    ]
+                    norms = [None if n is None else float(full_tensor(n)) for n in norms]
+                skipped = (
+                    settings.skip_large_gradients_after is not None
+                    and global_step >= settings.skip_large_gradients_after
+                    and any(n is not None and n > settings.max_grad_norm for n in norms)
+                )
+                if skipped:
+                    optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients alone
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -264,6 +279,11 @@ def run_training_loop(
             global_step += 1
             logs = {k: accelerator.reduce(torch.stack(v).mean(), "mean").item() for k, v in window.items()}
             logs["lr"] = lr_scheduler.get_last_lr()[0]
+            for name, norm in zip(("grad_norm", "denoiser_grad_norm"), norms):
+                if norm is not None:
+                    logs[name] = norm
+            if settings.skip_large_gradients_after is not None:
+                logs["skipped_update"] = float(skipped)
             window = {}
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", bpd=f"{logs['bits_per_dim']:.4f}")
@@ -280,3 +300,33 @@ def run_training_loop(
             break
     progress.close()
     return global_step
+
+
+def latent_encoder(pipe, device, dtype) -> Callable[[torch.Tensor], Dict[str, torch.Tensor]]:
+    """For `data.cache_dataset`: a clip's VAE posterior parameters (a pixel-space model keeps its pixels)."""
+
+    def encode(pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if pipe.vae is None:
+            return {"pixels": pixels[0]}
+        posterior = pipe.vae.encode(pixels.to(device, dtype)).latent_dist
+        return {"latent_parameters": posterior.parameters[0].float()}
+
+    return encode
+
+
+def latent_model_inputs(pipe, device, dtype) -> Callable[[dict, Sequence[torch.Generator]], torch.Tensor]:
+    """`run_training_loop`'s `model_inputs` for a pipeline with or without a VAE: cached posterior
+    parameters or pixels -> normalised latents, each VAE sample drawn with its sample's generator."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    def model_inputs(batch: dict, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        if "latent_parameters" in batch:
+            posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(device))
+            return pipe.normalize_latents(posterior.sample(generator=list(generators)).float())
+        pixels = batch["pixels"].to(device)
+        if pipe.vae is None:
+            return pixels
+        latents = pipe.vae.encode(pixels.to(dtype)).latent_dist.sample(generator=list(generators))
+        return pipe.normalize_latents(latents.float())
+
+    return model_inputs

@@ -84,16 +84,54 @@ TRAINING_DEFAULTS: Dict[str, Any] = {
     "validation_steps": 500,
     "validation_guidance_scale": 3.0,
     "report_to": "auto",
+    "adam_betas": [0.9, 0.95],
+    "denoiser_learning_rate": None,  # None: learning_rate
+    "denoiser_adam_betas": None,  # None: adam_betas
+    "min_learning_rate": 0.0,  # the floor of a cosine schedule (lr_scheduler: cosine)
+    "skip_large_gradients_after": None,  # updates after which one with a gradient norm > max_grad_norm is skipped
+}
+# Fine-tuning a converted checkpoint (--pretrained_model_name_or_path): the original STARFlow-V recipe (its
+# train.py and 7B config) where it is known: flow lr 5e-5 cosine to 1e-6, the denoiser in its own parameter
+# group at 1e-4 with AdamW's default betas, clipping at 1 with updates skipped above it after 100 steps,
+# caption drop 0.1, first-frame drop 0.25, bf16, gradient checkpointing. Warmup and batch size are ours.
+FINETUNE_TRAINING_DEFAULTS: Dict[str, Any] = {
+    **TRAINING_DEFAULTS,
+    "max_train_steps": 1000,
+    "train_batch_size": 1,
+    "learning_rate": 5e-5,
+    "min_learning_rate": 1e-6,
+    "denoiser_learning_rate": 1e-4,
+    "denoiser_adam_betas": [0.9, 0.999],
+    "lr_warmup_steps": 100,
+    "caption_dropout": 0.1,
+    "drop_first_frame": 0.25,
+    "skip_large_gradients_after": 100,
+    "mixed_precision": "bf16",
+    "gradient_checkpointing": True,
+    "save_dtype": "bfloat16",
+    "validation_guidance_scale": 4.5,
+}
+FINETUNE_DATA_DEFAULTS: Dict[str, Any] = {
+    "data_dir": None, "height": None, "width": None, "num_frames": None, "fps": 16, "dataloader_num_workers": 0,
+    "cache_latents": True,
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="starflow-train",
-        description="Train a pixel-space STARFlow-V pipeline from scratch from a config file (run with "
-        "`accelerate launch` for GPUs).",
+        description="Train a pixel-space STARFlow-V pipeline from scratch from a config file, or fine-tune every "
+        "weight of a saved pipeline on captioned videos (run with `accelerate launch` for GPUs).",
     )
-    parser.add_argument("--config", required=True, help="a YAML or JSON training config (see configs/)")
+    parser.add_argument(
+        "--config", default=None,
+        help="a YAML or JSON training config (see configs/); required unless --pretrained_model_name_or_path",
+    )
+    parser.add_argument(
+        "--pretrained_model_name_or_path", default=None,
+        help="fine-tune this StarFlowVPipeline folder (e.g. a converted checkpoint) instead of training from scratch",
+    )
+    parser.add_argument("--data_dir", default=None, help="captioned videos to fine-tune on (sets data.data_dir)")
     parser.add_argument("--output_dir", required=True, help="pipeline folder to write, with checkpoints and logs")
     parser.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-<step> folder')
     parser.add_argument("--max_train_steps", type=int, default=None, help="override training.max_train_steps")
@@ -150,7 +188,6 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
     from ..pipelines.pipeline_starflow_v import StarFlowVPipeline
     from ..pipelines.inputs import closest_trained_aspect_ratio
     from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
-    from .train_lora import lr_scheduler_choices
 
     unknown = sorted(set(config) - set(SECTIONS))
     if unknown:
@@ -209,6 +246,79 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
     pipeline.setdefault("base_frame_size", base)
     pipeline.setdefault("default_aspect_ratio", closest_trained_aspect_ratio(data["width"], data["height"]))
 
+    denoiser_layers = model.get("denoiser_num_layers", inspect.signature(StarFlowVTransformer).parameters["denoiser_num_layers"].default)
+    _check_training(training, denoiser_layers)
+    _check_types("scheduler", scheduler, JacobiFlowScheduler)
+    # the constructors' own checks (divisibility, head size, solver settings), with nothing allocated
+    import torch
+
+    with torch.device("meta"):
+        StarFlowVTransformer(**model)
+    JacobiFlowScheduler(**scheduler)
+    return {"model": model, "text_encoder": text, "pipeline": pipeline, "scheduler": scheduler, "data": data, "training": training}
+
+
+def _read_json(path: str, what: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing: {what} is not a complete pipeline folder.")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def resolve_finetune_config(config: Dict[str, Any], pretrained_dir: str) -> Dict[str, Any]:
+    """Check a fine-tuning config (sections `data` and `training` only: the model, text encoder, VAE,
+    pipeline and scheduler come from `pretrained_dir`), filling in the recipe's defaults and the model's
+    trained clip size; raises `ValueError` naming the key. Reads only the folder's JSON files."""
+    what = "--pretrained_model_name_or_path"
+    if not os.path.isdir(pretrained_dir):
+        raise ValueError(f"{what} {pretrained_dir!r} is not a directory (a saved StarFlowVPipeline).")
+    from_model = sorted(set(config) & {"model", "text_encoder", "pipeline", "scheduler"})
+    if from_model:
+        raise ValueError(
+            f"Config section(s) {', '.join(from_model)} come from {what} when fine-tuning; allowed: data, training."
+        )
+    unknown = sorted(set(config) - {"data", "training"})
+    if unknown:
+        raise ValueError(f"Unknown config section(s) {', '.join(map(repr, unknown))}; allowed: data, training.")
+    index = _read_json(os.path.join(pretrained_dir, "model_index.json"), what)
+    if index.get("_class_name") not in ("StarFlowVPipeline", "StarFlowVImageToVideoPipeline", "StarFlowVVideoToVideoPipeline"):
+        raise ValueError(f"{what} holds a {index.get('_class_name')!r}; starflow-train fine-tunes STARFlow-V pipelines.")
+    model = _read_json(os.path.join(pretrained_dir, "transformer", "config.json"), what)
+    if not model.get("is_video", True):
+        raise ValueError(f"{what} holds an image model (is_video=False); starflow-train trains video models.")
+
+    data = _section(config, "data", FINETUNE_DATA_DEFAULTS)
+    user_training = config.get("training") or {}
+    training = _section(config, "training", FINETUNE_TRAINING_DEFAULTS)
+    denoiser_layers = model.get("denoiser_num_layers", 0)
+    if "train_denoiser" not in user_training:
+        training["train_denoiser"] = bool(denoiser_layers)
+    _check_training(training, denoiser_layers)
+
+    if data["data_dir"] is None or not os.path.isdir(data["data_dir"]):
+        raise ValueError(f"Fine-tuning needs `data.data_dir` (or --data_dir), a folder of captioned videos; got {data['data_dir']!r}.")
+    temporal = index.get("vae_scale_factor_temporal") or 1
+    spatial = (index.get("vae_scale_factor_spatial") or 1) * model.get("patch_size", 1)
+    base = index.get("base_frame_size") or model.get("sample_size", 1) * spatial
+    data["height"] = data["height"] or base
+    data["width"] = data["width"] or base
+    data["num_frames"] = data["num_frames"] or ((model.get("trained_latent_frames") or 1) - 1) * temporal + 1
+    for name in ("height", "width", "num_frames", "fps"):
+        _check_positive_int(f"data.{name}", data[name])
+    for name in ("height", "width"):
+        if data[name] % spatial:
+            raise ValueError(f"`data.{name}` must be a multiple of {spatial} for this model, got {data[name]}.")
+    if (data["num_frames"] - 1) % temporal:
+        raise ValueError(f"`data.num_frames` must be {temporal}k+1 for this model's VAE, got {data['num_frames']}.")
+    if not isinstance(data["cache_latents"], bool):
+        raise ValueError(f"`data.cache_latents` must be true or false, got {data['cache_latents']!r}.")
+    return {"pretrained_model_name_or_path": pretrained_dir, "data": data, "training": training}
+
+
+def _check_training(training: Dict[str, Any], denoiser_layers: int) -> None:
+    """The `training` section's values, in either mode; raises `ValueError` naming the key."""
+    from .train_lora import lr_scheduler_choices
+
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"):
         _check_positive_int(f"training.{name}", training[name])
     for name in ("lr_warmup_steps", "adam_weight_decay", "max_grad_norm"):
@@ -226,19 +336,29 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
     for name, choices in (("mixed_precision", MIXED_PRECISION_CHOICES), ("save_dtype", SAVE_DTYPES), ("report_to", REPORT_TO_CHOICES)):
         if training[name] not in choices:
             raise ValueError(f"`training.{name}` must be one of {', '.join(choices)}, got {training[name]!r}.")
-    denoiser_layers = model.get("denoiser_num_layers", inspect.signature(StarFlowVTransformer).parameters["denoiser_num_layers"].default)
     if training["train_denoiser"] and not denoiser_layers:
         raise ValueError("`training.train_denoiser` needs a learned denoiser (`model.denoiser_num_layers` > 0).")
     if not isinstance(training["validation_prompts"], list) or not all(isinstance(p, str) for p in training["validation_prompts"]):
         raise ValueError("`training.validation_prompts` must be a list of strings.")
-    _check_types("scheduler", scheduler, JacobiFlowScheduler)
-    # the constructors' own checks (divisibility, head size, solver settings), with nothing allocated
-    import torch
-
-    with torch.device("meta"):
-        StarFlowVTransformer(**model)
-    JacobiFlowScheduler(**scheduler)
-    return {"model": model, "text_encoder": text, "pipeline": pipeline, "scheduler": scheduler, "data": data, "training": training}
+    for name in ("denoiser_learning_rate",):
+        if training[name] is not None and (not isinstance(training[name], (int, float)) or training[name] <= 0):
+            raise ValueError(f"`training.{name}` must be > 0 (or null: learning_rate), got {training[name]!r}.")
+    if not isinstance(training["min_learning_rate"], (int, float)) or not 0 <= training["min_learning_rate"] < training["learning_rate"]:
+        raise ValueError(f"`training.min_learning_rate` must be in [0, learning_rate), got {training['min_learning_rate']!r}.")
+    if training["min_learning_rate"] > 0 and training["lr_scheduler"] != "cosine":
+        raise ValueError("`training.min_learning_rate` is the floor of the cosine schedule: set `training.lr_scheduler: cosine` or 0.")
+    for name in ("adam_betas", "denoiser_adam_betas"):
+        betas = training[name]
+        if betas is None and name == "denoiser_adam_betas":
+            continue
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"`training.{name}` must be two numbers in [0, 1), got {betas!r}.")
+    after = training["skip_large_gradients_after"]
+    if after is not None:
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise ValueError(f"`training.skip_large_gradients_after` must be an integer >= 0 or null, got {after!r}.")
+        if training["max_grad_norm"] <= 0:
+            raise ValueError("`training.skip_large_gradients_after` skips updates whose gradient norm exceeds `training.max_grad_norm`: set it > 0.")
 
 
 def _check_types(section: str, values: Dict[str, Any], cls) -> None:
@@ -278,11 +398,20 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config)
+        if args.config is None and args.pretrained_model_name_or_path is None:
+            raise ValueError("--config is required (or --pretrained_model_name_or_path, to fine-tune a saved pipeline).")
+        config = load_config(args.config) if args.config else {}
         for name in ("max_train_steps", "mixed_precision", "report_to"):
             if getattr(args, name) is not None:
                 config.setdefault("training", {})[name] = getattr(args, name)
-        config = resolve_config(config)
+        if args.data_dir is not None:
+            config.setdefault("data", {})["data_dir"] = args.data_dir
+        if args.pretrained_model_name_or_path is not None:
+            config = resolve_finetune_config(config, args.pretrained_model_name_or_path)
+        elif "pretrained_model_name_or_path" in config:
+            config = resolve_finetune_config(config, config.pop("pretrained_model_name_or_path"))
+        else:
+            config = resolve_config(config)
         if args.resume_from_checkpoint not in (None, "latest"):
             from .loop import checkpoint_step
 
@@ -319,8 +448,14 @@ def caption_vocabulary(config: Dict[str, Any]) -> List[str]:
 
 
 def build_pipeline(config: Dict[str, Any]):
-    """A fresh `StarFlowVPipeline` (new transformer, frozen text encoder, no VAE) from a resolved config."""
+    """The pipeline to train: the saved one of a fine-tuning config, or a fresh `StarFlowVPipeline` (new
+    transformer, frozen text encoder, no VAE) from a resolved config."""
     import torch
+
+    if "pretrained_model_name_or_path" in config:
+        from ..pipelines.pipeline_starflow_v import StarFlowVPipeline
+
+        return StarFlowVPipeline.from_pretrained(config["pretrained_model_name_or_path"])
 
     from ..models.transformer_starflow_v import StarFlowVTransformer
     from ..pipelines.pipeline_starflow_v import StarFlowVPipeline
@@ -344,7 +479,7 @@ def build_pipeline(config: Dict[str, Any]):
 
 def build_dataset(config: Dict[str, Any]):
     data = config["data"]
-    if data["synthetic"] is not None:
+    if data.get("synthetic") is not None:
         from .synthetic import SyntheticClipDataset
 
         synthetic = data["synthetic"]
@@ -384,6 +519,30 @@ def save_pipeline(pipe, output_dir: str, dtype: "torch.dtype") -> None:
     os.rmdir(staging)
 
 
+def learning_rate_schedule(optimizer, training: Dict[str, Any], num_processes: int):
+    """The `training.lr_scheduler` schedule; a cosine with `min_learning_rate` > 0 decays each parameter group
+    from its own learning rate to that floor after a linear warmup (the original's CosineLRSchedule). The
+    prepared scheduler steps once per process and update, hence the step counts x num_processes."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    warmup, total = training["lr_warmup_steps"] * num_processes, training["max_train_steps"] * num_processes
+    floor = training["min_learning_rate"]
+    if floor <= 0:
+        return get_scheduler(training["lr_scheduler"], optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+    def cosine_to_floor(peak: float):
+        def factor(step: int) -> float:
+            if step < warmup:
+                return step / max(1, warmup)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return (floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))) / peak
+
+        return factor
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [cosine_to_floor(g["lr"]) for g in optimizer.param_groups])
+
+
 # ---- training -------------------------------------------------------------------------------------------------
 
 
@@ -400,12 +559,11 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         import diffusers
         import transformers
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
-        from diffusers.optimization import get_scheduler
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, gather_object, set_seed
         from diffusers.utils import export_to_video
 
         from ..models.transformer_starflow_v import StarFlowVTransformer
-        from .data import EpochShuffleSampler, VideoCaptionDataset, collate_clips
+        from .data import EpochShuffleSampler, VideoCaptionDataset, cache_dataset, collate_clips
         from .distributed import (
             check_fsdp_version,
             fsdp_version,
@@ -414,7 +572,7 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
             trainable_parameter_groups,
             unsharded_copy,
         )
-        from .loop import METRICS_FILE, FlowStepSettings, remove_incomplete_checkpoints, resume_from_checkpoint as resume, run_training_loop, save_checkpoint
+        from .loop import METRICS_FILE, FlowStepSettings, latent_encoder, latent_model_inputs, remove_incomplete_checkpoints, resume_from_checkpoint as resume, run_training_loop, save_checkpoint
         from .objective import StarFlowTrainingModule
 
     training = config["training"]
@@ -442,11 +600,22 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
     set_seed(training["seed"])
 
     # ---- model and data ------------------------------------------------------------------------------------
+    finetuning = "pretrained_model_name_or_path" in config
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and training["skip_large_gradients_after"] is not None:
+        raise ValueError(
+            "`training.skip_large_gradients_after` cannot work under DeepSpeed (its engine clips and steps inside "
+            "backward): set it to null."
+        )
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe = build_pipeline(config)
     pipe.set_progress_bar_config(disable=True)
-    transformer, text_encoder = pipe.transformer, pipe.text_encoder
-    text_encoder.requires_grad_(False)
+    transformer = pipe.transformer
     pipe.to(device)
+    for frozen in (pipe.text_encoder, pipe.vae):
+        if frozen is not None:
+            frozen.requires_grad_(False)
+            if finetuning:  # the trained transformer keeps float32 master weights
+                frozen.to(dtype=weight_dtype)
     if training["gradient_checkpointing"]:
         transformer.enable_gradient_checkpointing()
     transformer.train()
@@ -461,21 +630,28 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
     dataset = build_dataset(config)
     if isinstance(dataset, VideoCaptionDataset):
         logger.info(f"{len(dataset)} clips in {data['data_dir']} ({dataset.num_skipped} skipped)")
+    if data.get("cache_latents"):
+        dataset = cache_dataset(
+            dataset, latent_encoder(pipe, device, weight_dtype), accelerator.process_index, accelerator.num_processes,
+            gather_object, progress=accelerator.is_local_main_process,
+        )
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=training["train_batch_size"], sampler=EpochShuffleSampler(len(dataset), seed=training["seed"]),
         collate_fn=collate_clips, num_workers=data["dataloader_num_workers"], drop_last=False,
     )
 
     # ---- optimisation ---------------------------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(
-        [{"params": flow_params}] + ([{"params": denoiser_params}] if denoiser_params else []),
-        lr=training["learning_rate"], betas=(0.9, 0.95), weight_decay=training["adam_weight_decay"],
-    )
-    lr_scheduler = get_scheduler(
-        training["lr_scheduler"], optimizer=optimizer,
-        num_warmup_steps=training["lr_warmup_steps"] * accelerator.num_processes,
-        num_training_steps=training["max_train_steps"] * accelerator.num_processes,
-    )
+    # the denoiser has its own parameter group (learning rate, betas, schedule): Adam's update is per
+    # parameter, so this is the original's separate denoiser optimizer, in one accelerate/DeepSpeed optimizer
+    betas = tuple(training["adam_betas"])
+    groups = [{"params": flow_params, "lr": training["learning_rate"], "betas": betas}]
+    if denoiser_params:
+        groups.append({
+            "params": denoiser_params, "lr": training["denoiser_learning_rate"] or training["learning_rate"],
+            "betas": tuple(training["denoiser_adam_betas"] or betas),
+        })
+    optimizer = torch.optim.AdamW(groups, lr=training["learning_rate"], weight_decay=training["adam_weight_decay"])
+    lr_scheduler = learning_rate_schedule(optimizer, training, accelerator.num_processes)
     training_module, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         training_module, optimizer, dataloader, lr_scheduler
     )
@@ -564,10 +740,11 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         gradient_accumulation_steps=training["gradient_accumulation_steps"],
         max_grad_norm=training["max_grad_norm"],
         single_backward=accelerator.distributed_type == DistributedType.DEEPSPEED,
+        skip_large_gradients_after=training["skip_large_gradients_after"],
     )
     run_training_loop(
         accelerator, training_module, pipe, dataloader, optimizer, lr_scheduler, [flow_params, denoiser_params],
-        settings, lambda batch, generators: batch["pixels"].to(device), training["max_train_steps"], training["seed"],
+        settings, latent_model_inputs(pipe, device, weight_dtype), training["max_train_steps"], training["seed"],
         global_step, on_update, metrics_path=os.path.join(output_dir, "logs", METRICS_FILE),
     )
 

@@ -238,7 +238,6 @@ def train(args: argparse.Namespace) -> str:
         import transformers
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, gather_object
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import cast_training_params
         from diffusers.utils import export_to_video
@@ -259,6 +258,8 @@ def train(args: argparse.Namespace) -> str:
         from .loop import (
             METRICS_FILE,
             FlowStepSettings,
+            latent_encoder,
+            latent_model_inputs,
             remove_incomplete_checkpoints,
             resume_from_checkpoint,
             run_training_loop,
@@ -331,14 +332,8 @@ def train(args: argparse.Namespace) -> str:
     dataset = VideoCaptionDataset(args.data_dir, height, width, num_frames, fps=args.fps)
     logger.info(f"{len(dataset)} clips in {args.data_dir} ({dataset.num_skipped} skipped)")
     if args.cache_latents:
-        def encode(pixels):
-            if vae is None:
-                return {"pixels": pixels[0]}
-            posterior = vae.encode(pixels.to(device, weight_dtype)).latent_dist
-            return {"latent_parameters": posterior.parameters[0].float()}
-
         dataset = cache_dataset(
-            dataset, encode, accelerator.process_index, accelerator.num_processes, gather_object,
+            dataset, latent_encoder(pipe, device, weight_dtype), accelerator.process_index, accelerator.num_processes, gather_object,
             progress=accelerator.is_local_main_process,
         )
     sampler = EpochShuffleSampler(len(dataset), seed=args.seed)
@@ -435,17 +430,6 @@ def train(args: argparse.Namespace) -> str:
         os.replace(tmp_path, path)
         logger.info(f"Validation video: {path}")
 
-    def model_inputs(batch, generator) -> torch.Tensor:
-        """Model-space latents of a batch (VAE samples drawn with the per-sample generators)."""
-        if "latent_parameters" in batch:
-            posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(device))
-            return pipe.normalize_latents(posterior.sample(generator=generator).float())
-        pixels = batch["pixels"].to(device)
-        if vae is None:
-            return pixels
-        latents = vae.encode(pixels.to(weight_dtype)).latent_dist.sample(generator=generator)
-        return pipe.normalize_latents(latents.float())
-
     def on_update(step: int, logs: Dict[str, float]) -> None:
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
             save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
@@ -471,7 +455,7 @@ def train(args: argparse.Namespace) -> str:
     transformer.train()
     global_step = run_training_loop(
         accelerator, training_module, pipe, dataloader, optimizer, lr_scheduler, [flow_params, denoiser_params],
-        settings, model_inputs, args.max_train_steps, args.seed, global_step, on_update,
+        settings, latent_model_inputs(pipe, device, weight_dtype), args.max_train_steps, args.seed, global_step, on_update,
         metrics_path=os.path.join(args.output_dir, args.logging_dir, METRICS_FILE),
     )
 

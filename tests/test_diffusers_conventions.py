@@ -221,3 +221,19 @@ def test_bad_pipeline_config_values_name_the_argument(pipeline_class, name, valu
     components["vae"] = None
     with pytest.raises(ValueError, match=f"`{name}`"):
         pipeline_class(**components, **{name: value})
+
+
+@pytest.mark.parametrize("source_class, target_class, image", [
+    (StarFlowVPipeline, StarFlowVImageToVideoPipeline, False),
+    (StarFlowVImageToVideoPipeline, StarFlowVVideoToVideoPipeline, False),
+    (StarFlowPipeline, StarFlowPipeline, True),
+])
+def test_from_pipe_keeps_every_component(source_class, target_class, image):
+    """`from_pipe` switches a model component over only when it matches the new pipeline's type hints: the
+    VAE was dropped before the signature named its class."""
+    components = tiny_image_pipeline_components() if image else tiny_pipeline_components()
+    source = source_class(**components)
+    target = target_class.from_pipe(source)
+    for name, component in source.components.items():
+        assert getattr(target, name) is component, name
+    assert target.vae is not None and target.config == source.config

@@ -219,3 +219,37 @@ def test_fsdp2_full_training_matches_one_process_and_resumes_exactly(tmp_path):
     pipe = StarFlowVPipeline.from_pretrained(str(resumed))
     video = pipe("a red circle moving left", generator=torch.Generator().manual_seed(0)).frames
     assert video.shape == (1, 3, 16, 16, 3) and 0 <= video.min() and video.max() <= 1
+
+
+@pytest.mark.slow
+def test_fsdp2_finetuning_of_a_saved_pipeline_matches_one_process(tmp_path):
+    """Full fine-tuning of a latent pipeline with cached VAE latents, gradient checkpointing and the denoiser's
+    own parameter group, sharded over two processes."""
+    from starflow_diffusers.testing_utils import tiny_pipeline
+    from starflow_diffusers.training.train import main
+
+    model_dir, data_dir = tmp_path / "converted", tmp_path / "clips"
+    tiny_pipeline().save_pretrained(model_dir)
+    synthetic.write_dataset(str(data_dir), num_train=8, num_test=2, size=32, num_frames=9)
+
+    def arguments(output_dir, batch_size):
+        config = {
+            "data": {"num_frames": 9},
+            "training": {"max_train_steps": 3, "train_batch_size": batch_size, "checkpointing_steps": 100,
+                         "report_to": "none", "mixed_precision": "no", "lr_warmup_steps": 0, "learning_rate": 1e-3,
+                         "max_grad_norm": MAX_GRAD_NORM, "save_dtype": "float32"},
+        }
+        path = tmp_path / f"finetune-{batch_size}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return ["--pretrained_model_name_or_path", str(model_dir), "--data_dir", str(data_dir / "train"),
+                "--config", str(path), "--output_dir", str(output_dir)]
+
+    main(arguments(tmp_path / "single", 4))
+    _launch_fsdp2("starflow_diffusers.training.train", arguments(tmp_path / "sharded", 2))
+    _assert_same_curves(_losses(tmp_path / "single"), _losses(tmp_path / "sharded"), ("loss", "denoiser_loss", "grad_norm"))
+
+    def weights(folder):
+        return load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+    _assert_equal_tensors(weights(tmp_path / "single"), weights(tmp_path / "sharded"), atol=1e-5)
+    assert StarFlowVPipeline.from_pretrained(str(tmp_path / "sharded")).vae is not None

@@ -10,8 +10,10 @@ forward pass gives their exact log-likelihood (`log_likelihood`).
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models import AutoencoderKL
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging, replace_example_docstring
@@ -87,9 +89,9 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
         self,
         transformer: StarFlowVTransformer,
         scheduler: JacobiFlowScheduler,
-        tokenizer=None,
-        text_encoder=None,
-        vae=None,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+        text_encoder: Optional[T5EncoderModel] = None,
+        vae: Optional[AutoencoderKL] = None,
         aspect_ratio_conditioning: bool = False,
         noise_level_conditioning: bool = False,
         default_aspect_ratio: str = "1:1",

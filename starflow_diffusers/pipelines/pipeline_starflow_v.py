@@ -13,8 +13,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import PIL.Image
 import torch
+from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models import AutoencoderKLWan
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import load_video, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
@@ -102,9 +104,9 @@ class StarFlowVPipeline(
         self,
         transformer: StarFlowVTransformer,
         scheduler: JacobiFlowScheduler,
-        tokenizer=None,
-        text_encoder=None,
-        vae=None,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+        text_encoder: Optional[T5EncoderModel] = None,
+        vae: Optional[AutoencoderKLWan] = None,
         fps_conditioning: bool = True,
         noise_level_conditioning: bool = True,
         aspect_ratio_conditioning: bool = True,

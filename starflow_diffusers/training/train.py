@@ -1,8 +1,15 @@
 # Copyright 2025 The starflow-diffusers authors. Licensed under the Apache License, Version 2.0.
-"""Full training of a pixel-space STARFlow-V model from scratch (`starflow-train`).
+"""Full training of STARFlow-V (`starflow-train`): a pixel-space model from scratch, or every weight of a saved
+pipeline (e.g. a converted checkpoint) fine-tuned on captioned videos.
 
     starflow-train --config configs/shapes_32px.yaml --output_dir runs/shapes
     accelerate launch -m starflow_diffusers.training.train --config ... --output_dir ...   # GPUs
+    accelerate launch --config_file fsdp2.yaml -m starflow_diffusers.training.train \
+        --pretrained_model_name_or_path starflow-v-7b-diffusers --data_dir clips/ --output_dir my-starflow-v
+
+Fine-tuning (`--pretrained_model_name_or_path`) takes the model, text encoder, VAE, pipeline and scheduler
+from the folder; an optional config holds only `data` and `training`, whose defaults follow the original
+recipe (`FINETUNE_TRAINING_DEFAULTS`, docs/training.md). The clips are encoded through the VAE once.
 
 Everything comes from one config file (YAML or JSON, see `configs/`), in sections:
 

@@ -10,8 +10,9 @@ The flow is trained by maximum likelihood on noise-augmented latents (`training.
 matching). The result is `<output_dir>/pytorch_lora_weights.safetensors`, for `pipe.load_lora_weights`.
 Checkpoints (`<output_dir>/checkpoint-<step>`) hold the LoRA, optimizer, scheduler and RNG states and are
 renamed into place only once complete; `--resume_from_checkpoint latest` continues exactly where a run
-stopped. Every random draw of a step (noise, VAE sample, caption and frame drops) is seeded from
-(--seed, step, process), so a resumed run reproduces an uninterrupted one.
+stopped. Every random draw of a sample (noise, VAE sample, caption drop) is seeded from (--seed, step,
+position in the global batch) and the first-frame drop from (--seed, step), so a resumed run reproduces an
+uninterrupted one, and the number of processes does not change the draws.
 """
 
 import argparse

@@ -13,6 +13,9 @@ shape's area; its centroid gives the object's track. Per captioned object:
   captioned way (the larger axis and its sign) and covers at least a quarter of the slow speed's travel.
 
 `analyze_clip` scores one clip, `summarize` a list of them; the synthetic ground-truth clips score 100%.
+`both_persist_rate` counts the two-object clips where both objects persist, `background_flicker` measures
+grain as the frame-to-frame change of the background (0 for ground truth), and `opposite_direction_spec`
+gives the caption a time-reversed clip would have.
 """
 
 import math
@@ -21,6 +24,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+
+from dataclasses import replace
 
 from .training.synthetic import COLOURS, DIRECTIONS, SPEEDS, ClipSpec
 
@@ -196,3 +201,51 @@ def summarize(results: Sequence[ClipResult]) -> Dict[str, Any]:
     scores["num_clips"] = len(results)
     scores["num_objects"] = len(objects)
     return scores
+
+
+def both_persist_rate(results: Sequence[ClipResult]) -> Tuple[float, Tuple[float, float], int]:
+    """Among the clips of `results` with two or more captioned objects: the fraction where every one of them
+    is found in every frame, its 95% Wilson interval, and the number of such clips."""
+    clips = [result for result in results if len(result.objects) >= 2]
+    if not clips:
+        raise ValueError("`results` holds no clip with two captioned objects.")
+    successes = sum(all(obj.persistent for obj in result.objects) for result in clips)
+    return successes / len(clips), wilson_interval(successes, len(clips)), len(clips)
+
+
+# object edges blur over a pixel or two: they are not background
+BACKGROUND_MARGIN = 2
+
+
+def background_flicker(frames) -> float:
+    """Grain: the mean absolute change (in 0-255 units, over RGB) from each frame to the next at pixels that
+    are background in both, at least `BACKGROUND_MARGIN` pixels from anything of a palette colour. A static
+    background, as in every ground-truth clip, gives 0. NaN when no pixel qualifies."""
+    frames = to_uint8_frames(frames)
+    kernel = np.ones((2 * BACKGROUND_MARGIN + 1,) * 2, dtype=np.uint8)
+    background = [cv2.erode((segment_colours(frame) == BACKGROUND).astype(np.uint8), kernel) > 0 for frame in frames]
+    changes, count = 0.0, 0
+    for t in range(len(frames) - 1):
+        mask = background[t] & background[t + 1]
+        if mask.any():
+            difference = np.abs(frames[t + 1].astype(np.int16) - frames[t].astype(np.int16)).mean(-1)
+            changes += float(difference[mask].sum())
+            count += int(mask.sum())
+    return changes / count if count else float("nan")
+
+
+def mean_interval(values: Sequence[float], z: float = 1.96) -> Tuple[float, float]:
+    """The normal-approximation 95% interval (z = 1.96) of the mean of `values` (NaNs left out)."""
+    values = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if len(values) < 2:
+        raise ValueError(f"Need at least two values for an interval, got {len(values)}.")
+    half_width = z * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean() - half_width), float(values.mean() + half_width)
+
+
+OPPOSITE_DIRECTIONS = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def opposite_direction_spec(spec: ClipSpec) -> ClipSpec:
+    """The same objects and background, each moving the other way: the caption of the clip reversed in time."""
+    return replace(spec, objects=tuple(replace(obj, direction=OPPOSITE_DIRECTIONS[obj.direction]) for obj in spec.objects))

@@ -6,6 +6,10 @@ import numpy as np
 import pytest
 
 from starflow_diffusers.evaluation import (
+    background_flicker,
+    both_persist_rate,
+    mean_interval,
+    opposite_direction_spec,
     BACKGROUND,
     COLOUR_NAMES,
     analyze_clip,
@@ -102,3 +106,42 @@ def test_summarize_reports_the_interval_of_each_rate():
     assert scores["direction_accuracy"] == 0.5 and scores["persistence"] == 1.0
     assert scores["direction_accuracy_ci95"] == wilson_interval(1, 2)
     assert scores["persistence_ci95"] == wilson_interval(2, 2)
+
+
+# ---- issue 20's measures ----------------------------------------------------------------------------------------
+
+
+def test_ground_truth_backgrounds_do_not_flicker_and_noise_does():
+    clips = generate_clips(12, "test", size=32, num_frames=9, seed=0)
+    assert all(background_flicker(clip.frames) == 0.0 for clip in clips)
+    gray = next(clip for clip in clips if clip.spec.background == "gray")
+    # independent N(0, s) noise per pixel and channel: E|x_t+1 - x_t| = 2 s / sqrt(pi), away from the clipping
+    s = 10.0
+    noisy = gray.frames.astype(np.float64) + np.random.default_rng(0).normal(0.0, s, gray.frames.shape)
+    flicker = background_flicker(np.clip(noisy, 0, 255).round().astype(np.uint8))
+    assert flicker == pytest.approx(2 * s / np.sqrt(np.pi), rel=0.03)
+    # the objects are left out: a clip whose only change is its moving objects stays at 0
+    assert background_flicker(render_clip(gray.spec, 32, 9, seed=1)) == 0.0
+
+
+def test_both_objects_must_persist_in_two_object_clips():
+    clips = [clip for clip in generate_clips(40, "test", size=32, num_frames=9, seed=0) if len(clip.spec.objects) == 2][:6]
+    results = [analyze_clip(clip.frames, clip.spec) for clip in clips]
+    assert both_persist_rate(results)[0] == 1.0
+    # remove the second object from the last four frames of half the clips
+    for result in results[:3]:
+        result.objects[1] = dataclasses.replace(result.objects[1], frames_found=5)
+    rate, (lo, hi), count = both_persist_rate(results)
+    assert (rate, count) == (0.5, 6) and lo < 0.5 < hi
+    with pytest.raises(ValueError, match="two captioned objects"):
+        both_persist_rate([analyze_clip(c.frames, c.spec) for c in generate_clips(3, "test", 32, 9, 0, max_objects=1)])
+
+
+def test_mean_interval_and_the_opposite_caption():
+    lo, hi = mean_interval([1.0, 2.0, 3.0, float("nan")])
+    assert lo < 2.0 < hi and hi - lo == pytest.approx(2 * 1.96 / np.sqrt(3))
+    with pytest.raises(ValueError, match="at least two"):
+        mean_interval([1.0, float("nan")])
+    spec = ClipSpec((ObjectSpec("circle", "red", "left", "slow"), ObjectSpec("square", "blue", "up", "fast")), "gray")
+    assert opposite_direction_spec(spec).caption == "a red circle moving right and a blue square moving down on a gray background"
+    assert opposite_direction_spec(opposite_direction_spec(spec)) == spec

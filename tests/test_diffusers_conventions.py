@@ -237,3 +237,21 @@ def test_from_pipe_keeps_every_component(source_class, target_class, image):
     for name, component in source.components.items():
         assert getattr(target, name) is component, name
     assert target.vae is not None and target.config == source.config
+
+
+def test_default_denoise_is_what_auto_means(monkeypatch):
+    """The pipeline config's `default_denoise` resolves `denoise="auto"` (the bundled model's is "score")."""
+    pipe = _pipeline(StarFlowVPipeline)
+    assert pipe.config.default_denoise == "auto" and pipe._start_call(1.0, None, "auto") == "learned"
+    for default in ("score", "none", "learned"):
+        pipe.register_to_config(default_denoise=default)
+        assert pipe._start_call(1.0, None, "auto") == default
+        assert pipe._start_call(1.0, None, "none") == "none"  # an explicit mode wins
+    bundled = StarFlowVPipeline.from_pretrained(BUNDLED_MODEL)
+    assert bundled.config.default_denoise == "score" and bundled._start_call(3.0, None, "auto") == "score"
+    image = _pipeline(StarFlowPipeline, image=True)
+    assert image._start_call(1.0, None, "auto") == "score"
+    with pytest.raises(ValueError, match="needs a model with a learned denoiser"):
+        StarFlowPipeline(**tiny_image_pipeline_components(with_vae=False), default_denoise="learned")
+    with pytest.raises(ValueError, match="`default_denoise` must be one of"):
+        StarFlowVPipeline(**tiny_pipeline_components(with_vae=False), default_denoise="tweedie")

@@ -23,6 +23,7 @@ from ..loaders import StarFlowVLoraLoaderMixin
 from ..models.transformer_starflow_v import StarFlowVTransformer
 from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
 from .inputs import (
+    check_default_denoise,
     PIXEL_CHANNELS,
     check_finite,
     check_sizes,
@@ -79,6 +80,8 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
             without one it keeps the configured value, else 1 for a pixel-space transformer and the SD VAE's 8
             for a latent one. These settings are registered at `__init__`, so the saved pipeline config is
             complete and `encode_prompt` needs no transformer.
+        default_denoise (`str`, *optional*, defaults to "auto"): what `denoise="auto"` means for this model:
+            "score", "none", or "auto" ("score": image models have no learned denoiser).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -99,12 +102,14 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
         max_text_length: Optional[int] = None,
         noise_level: Optional[float] = None,
         vae_scale_factor: Optional[int] = None,
+        default_denoise: str = "auto",
     ):
         super().__init__()
         self.register_modules(
             transformer=transformer, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae
         )
         parse_aspect_ratio(default_aspect_ratio)
+        check_default_denoise(default_denoise, transformer)
         check_sizes(vae_scale_factor=vae_scale_factor, base_frame_size=base_frame_size)
         if vae is not None:
             vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -122,6 +127,7 @@ class StarFlowPipeline(DiffusionPipeline, StarFlowSamplingMixin, StarFlowVLoraLo
             default_aspect_ratio=default_aspect_ratio,
             base_frame_size=base_frame_size,
             vae_scale_factor=vae_scale_factor,
+            default_denoise=default_denoise,
             **self.standalone_text_settings(transformer, noise_level, max_text_length),
         )
         latent_channels = vae.config.latent_channels if vae is not None else 4

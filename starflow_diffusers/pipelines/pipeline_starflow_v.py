@@ -27,6 +27,7 @@ from ..models.transformer_starflow_v import StarFlowVTransformer
 from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
 from .pipeline_output import StarFlowVInversionOutput, StarFlowVPipelineOutput
 from .inputs import (
+    check_default_denoise,
     PIXEL_CHANNELS,
     check_finite,
     check_sizes,
@@ -94,6 +95,8 @@ class StarFlowVPipeline(
             configured values, else 1 for a pixel-space transformer and the Wan2.2 VAE's (4, 16) for a latent
             one. `max_text_length`, `noise_level`, `base_frame_size` and the scale factors are registered at
             `__init__`, so the saved pipeline config is complete and `encode_prompt` needs no transformer.
+        default_denoise (`str`, *optional*, defaults to "auto"): what `denoise="auto"` means for this model:
+            "learned", "score", "none", or "auto" (the learned denoiser if the model has one, else "score").
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -117,12 +120,14 @@ class StarFlowVPipeline(
         noise_level: Optional[float] = None,
         vae_scale_factor_temporal: Optional[int] = None,
         vae_scale_factor_spatial: Optional[int] = None,
+        default_denoise: str = "auto",
     ):
         super().__init__()
         self.register_modules(
             transformer=transformer, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae
         )
         parse_aspect_ratio(default_aspect_ratio)
+        check_default_denoise(default_denoise, transformer)
         check_sizes(
             vae_scale_factor_temporal=vae_scale_factor_temporal, vae_scale_factor_spatial=vae_scale_factor_spatial,
             base_frame_size=base_frame_size,
@@ -147,6 +152,7 @@ class StarFlowVPipeline(
             latent_temporal_scale=latent_temporal_scale,
             vae_scale_factor_temporal=vae_scale_factor_temporal,
             vae_scale_factor_spatial=vae_scale_factor_spatial,
+            default_denoise=default_denoise,
             **self.standalone_text_settings(transformer, noise_level, max_text_length),
         )
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
@@ -314,8 +320,9 @@ class StarFlowVPipeline(
             latents (`torch.Tensor`, *optional*): the Gaussian noise z (B, C, T, H, W) to invert.
             prompt_embeds, negative_prompt_embeds (`torch.Tensor`, *optional*): (B, L, text_dim) embeddings
                 used verbatim (no template), e.g. weighted prompts from compel.
-            denoise (`str`): "auto" (learned denoiser if the model has one, else "score"), "learned",
-                "score" (one step along the flow's own score) or "none".
+            denoise (`str`): "auto" (the pipeline config's `default_denoise`, by default the learned denoiser
+                if the model has one, else "score"), "learned", "score" (one step along the flow's own score)
+                or "none".
             output_type (`str`): "np", "pil", "pt" or "latent" (the model-space latents before the VAE).
             attention_kwargs (`dict`, *optional*): `{"scale": s}` scales loaded LoRA adapters.
             callback_on_step_end (`Callable`, *optional*): called after every solved chunk of the deep block

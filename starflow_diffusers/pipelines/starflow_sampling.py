@@ -376,7 +376,10 @@ class StarFlowSamplingMixin:
     # ---- call set-up ------------------------------------------------------------------------------------
 
     def _start_call(self, guidance_scale: float, attention_kwargs: Optional[Dict[str, Any]], denoise: str) -> str:
-        """Reset the per-call state; returns the denoising mode with "auto" resolved."""
+        """Reset the per-call state; returns the denoising mode with "auto" resolved: the pipeline config's
+        `default_denoise`, whose own "auto" is the learned denoiser if the model has one, else "score"."""
+        if denoise == "auto":
+            denoise = self.config.default_denoise
         if denoise == "auto":
             denoise = "learned" if self.transformer.has_denoiser else "score"
         if denoise == "learned" and not self.transformer.has_denoiser:

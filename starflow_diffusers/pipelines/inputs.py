@@ -12,6 +12,8 @@ import torch
 # Aspect-ratio strings the released models were trained with (spec section 6).
 TRAINED_ASPECT_RATIOS = ("1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21")
 DENOISE_MODES = ("auto", "learned", "score", "none")
+# Files read as a still image (a one-frame clip) rather than a video, by the pipelines and the data folders.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 # A transformer with this many input channels models RGB pixels; any other count models VAE latents.
 PIXEL_CHANNELS = 3

@@ -27,6 +27,7 @@ from ..models.transformer_starflow_v import StarFlowVTransformer
 from ..schedulers.scheduling_jacobi_flow import JacobiFlowScheduler
 from .pipeline_output import StarFlowVInversionOutput, StarFlowVPipelineOutput
 from .inputs import (
+    IMAGE_EXTENSIONS,
     check_default_denoise,
     PIXEL_CHANNELS,
     check_finite,
@@ -59,10 +60,6 @@ EXAMPLE_DOC_STRING = """
         >>> export_to_video(video, "circle.mp4", fps=16)
         ```
 """
-
-
-# Files `load_video_frames` refuses as videos (diffusers' `load_video` would read them as one frame).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class StarFlowVPipeline(
@@ -384,6 +381,7 @@ class StarFlowVPipeline(
         if isinstance(video, (str, os.PathLike)):
             if not os.path.exists(video):
                 raise ValueError(f"`video` file not found: {video}")
+            # diffusers' `load_video` would read an image as a one-frame video
             if os.path.splitext(str(video))[1].lower() in IMAGE_EXTENSIONS:
                 raise ValueError(
                     f"`video` {str(video)!r} is an image file; pass a video file (an image starts a clip as `image=` "

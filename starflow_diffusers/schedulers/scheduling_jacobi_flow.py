@@ -133,6 +133,7 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         context_frames (`int`): frames kept as context when the window slides.
         convergence (`str`): "sample" (one residual per sequence: results independent of the batch, needed for
             early frames in `stream`) or "batch" (one residual over the batch, the original code's rule).
+            `mode="jacobi"` only: `adaptive` always commits per sequence.
     """
 
     config_name = "scheduler_config.json"

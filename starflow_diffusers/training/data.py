@@ -25,11 +25,12 @@ from torch.utils.data import Dataset
 
 from diffusers.utils import logging
 
+from ..pipelines.inputs import IMAGE_EXTENSIONS
+
 
 logger = logging.get_logger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
 CAPTION_KEYS = ("text", "caption", "prompt")
 

@@ -180,7 +180,9 @@ def finetune_setup(tmp_path_factory):
     from starflow_diffusers.training import synthetic
 
     model_dir = tmp_path_factory.mktemp("converted")
-    tiny_pipeline().save_pretrained(model_dir)
+    pipe = tiny_pipeline()
+    pipe.transformer.to(torch.bfloat16)  # as `starflow-convert --dtype bf16` writes it
+    pipe.save_pretrained(model_dir)
     data_dir = tmp_path_factory.mktemp("clips") / "data"
     synthetic.write_dataset(str(data_dir), num_train=8, num_test=2, size=32, num_frames=9)
     return str(model_dir), str(data_dir / "train")
@@ -224,6 +226,8 @@ def test_finetuning_a_saved_pipeline_trains_every_weight_and_resumes_exactly(fin
     before = load_file(os.path.join(model_dir, "transformer", "diffusion_pytorch_model.safetensors"))
     after = _weights(straight)
     assert after["blocks.0.proj_in.weight"].dtype == torch.bfloat16  # save_dtype's fine-tuning default
+    # trained on float32 master weights, not on the folder's bf16 ones
+    assert _weights(straight / "checkpoint-4")["blocks.0.proj_in.weight"].dtype == torch.float32
     after32 = {k: v.float() for k, v in after.items()}
     assert _changed(before, after32, "blocks.0.") and _changed(before, after32, "blocks.2.")
     assert _changed(before, after32, "denoiser.")

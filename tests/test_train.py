@@ -289,15 +289,17 @@ def test_learning_rates_warm_up_then_decay_per_group_to_the_floor():
         ({"training": {"min_learning_rate": 1e-6, "lr_scheduler": "linear"}}, "floor of the cosine schedule"),
         ({"training": {"skip_large_gradients_after": 10, "max_grad_norm": 0}}, "set it > 0"),
         ({"training": {"denoiser_adam_betas": [0.9]}}, "`training.denoiser_adam_betas` must be two numbers"),
-        ({"data": {"synthetic": {"num_clips": 4}}}, "Unknown config key"),
+        ({"data": {"synthetic": {"num_clips": 4, "colours": 3}}}, "Unknown config key"),
+        ({"data": {"synthetic": {"two_object_fraction": 2}}}, "`data.synthetic.two_object_fraction` must be in"),
+        ({"data": {"synthetic": {}, "height": 32, "width": 48}}, "square frames"),
     ],
 )
 def test_bad_finetuning_configs_name_the_key(finetune_setup, tmp_path, capsys, config, message):
     model_dir, data_dir = finetune_setup
     path = _write(tmp_path, config)
+    data = [] if "synthetic" in config.get("data", {}) else ["--data_dir", data_dir]
     with pytest.raises(SystemExit):
-        parse_args(["--pretrained_model_name_or_path", model_dir, "--data_dir", data_dir, "--config", path,
-                    "--output_dir", str(tmp_path / "out")])
+        parse_args(["--pretrained_model_name_or_path", model_dir, *data, "--config", path, "--output_dir", str(tmp_path / "out")])
     assert re.search(message, capsys.readouterr().err)
 
 
@@ -311,3 +313,15 @@ def test_finetuning_needs_a_pipeline_folder_and_videos(finetune_setup, tmp_path,
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_finetuning_on_the_synthetic_world(finetune_setup, tmp_path):
+    """A pipeline can be fine-tuned on the moving-shapes world rendered on the fly, weighted toward two objects."""
+    from starflow_diffusers.training.train import resolve_finetune_config
+
+    model_dir, _ = finetune_setup
+    config = resolve_finetune_config({"data": {"synthetic": {"two_object_fraction": 0.8}, "num_frames": 9}}, model_dir)
+    assert config["data"]["synthetic"] == {"num_clips": 10000, "seed": 0, "max_objects": 2, "two_object_fraction": 0.8}
+    assert config["data"]["cache_latents"] is False and config["data"]["height"] == 32
+    with pytest.raises(ValueError, match="not both"):
+        resolve_finetune_config({"data": {"synthetic": {}, "data_dir": str(tmp_path)}}, model_dir)

@@ -276,3 +276,15 @@ def test_captions_from_metadata_and_missing_captions(tmp_path):
         scan_data_dir(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="not a directory"):
         scan_data_dir(str(tmp_path / "missing"))
+
+
+def test_two_object_fraction_weights_the_scenes_and_leaves_the_default_draws_alone():
+    default = synthetic.generate_clips(200, "train", size=32, num_frames=3, seed=5)
+    assert [c.caption for c in default] == [c.caption for c in synthetic.generate_clips(200, "train", 32, 3, 5, 2, 0, None)]
+    counts = {f: sum(len(c.spec.objects) == 2 for c in synthetic.generate_clips(400, "train", 32, 3, 5, 2, 0, f)) for f in (0.0, 0.9, 1.0)}
+    assert counts[0.0] == 0 and counts[1.0] == 400 and 330 < counts[0.9] < 390
+    assert 60 < sum(len(c.spec.objects) == 2 for c in default) < 140  # uniform over 1 and 2
+    with pytest.raises(ValueError, match="needs `max_objects` 2"):
+        synthetic.generate_clips(2, "train", 32, 3, 5, max_objects=1, two_object_fraction=0.5)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        synthetic.SyntheticClipDataset(4, two_object_fraction=1.5)[0]

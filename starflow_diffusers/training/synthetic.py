@@ -100,16 +100,28 @@ class SyntheticClip:
     spec: ClipSpec
 
 
+def check_two_object_fraction(fraction, max_objects: int) -> None:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"`two_object_fraction` must be in [0, 1] (or None), got {fraction!r}.")
+    if max_objects != 2:
+        raise ValueError(f"`two_object_fraction` needs `max_objects` 2, got {max_objects}.")
+
+
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"Unknown {name} {value!r}; allowed: {', '.join(map(repr, allowed))}.")
 
 
-def sample_clip_spec(rng: np.random.Generator, split: str = "train", max_objects: int = 2) -> ClipSpec:
-    """Draw 1..max_objects objects with distinct colours from the split's (colour, shape) pairs."""
+def sample_clip_spec(
+    rng: np.random.Generator, split: str = "train", max_objects: int = 2, two_object_fraction: Optional[float] = None
+) -> ClipSpec:
+    """Draw 1..max_objects objects with distinct colours from the split's (colour, shape) pairs: each count
+    equally likely, or two objects with probability `two_object_fraction` (which needs `max_objects` 2)."""
     _check_choice("split", split, SPLITS)
     if max_objects not in (1, 2):
         raise ValueError(f"`max_objects` must be 1 or 2, got {max_objects}.")
+    if two_object_fraction is not None:
+        check_two_object_fraction(two_object_fraction, max_objects)
     held_out = set(held_out_pairs())
     pairs = [
         (colour, shape)
@@ -118,7 +130,8 @@ def sample_clip_spec(rng: np.random.Generator, split: str = "train", max_objects
         if ((colour, shape) in held_out) == (split == "test")
     ]
     objects: List[ObjectSpec] = []
-    for _ in range(int(rng.integers(1, max_objects + 1))):
+    count = int(rng.integers(1, max_objects + 1)) if two_object_fraction is None else 1 + int(rng.random() < two_object_fraction)
+    for _ in range(count):
         free = [p for p in pairs if p[0] not in {obj.colour for obj in objects}]
         colour, shape = free[int(rng.integers(len(free)))]
         direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
@@ -206,6 +219,7 @@ def generate_clips(
     seed: int = 0,
     max_objects: int = 2,
     start_index: int = 0,
+    two_object_fraction: Optional[float] = None,
 ) -> List[SyntheticClip]:
     """Clips `start_index ... start_index + num_clips - 1` of a split, in memory. Clip i depends only on
     (seed, split, i): asking for more clips never changes the earlier ones."""
@@ -213,7 +227,7 @@ def generate_clips(
     clips = []
     for index in range(start_index, start_index + num_clips):
         rng = np.random.default_rng([seed, SPLITS.index(split), index])
-        spec = sample_clip_spec(rng, split, max_objects)
+        spec = sample_clip_spec(rng, split, max_objects, two_object_fraction)
         frames = render_clip(spec, size, num_frames, seed=int(rng.integers(2**31)))
         clips.append(SyntheticClip(frames, spec.caption, spec))
     return clips
@@ -226,12 +240,13 @@ class SyntheticClipDataset(torch.utils.data.Dataset):
     def __init__(
         self, num_clips: int, split: str = "train", size: int = 32, num_frames: int = 17, seed: int = 0,
         max_objects: int = 2,
+        two_object_fraction: Optional[float] = None,
     ):
         if num_clips < 1:
             raise ValueError(f"`num_clips` must be >= 1, got {num_clips}.")
         _check_choice("split", split, SPLITS)
         self.num_clips, self.split, self.size, self.num_frames = num_clips, split, size, num_frames
-        self.seed, self.max_objects = seed, max_objects
+        self.seed, self.max_objects, self.two_object_fraction = seed, max_objects, two_object_fraction
 
     def __len__(self) -> int:
         return self.num_clips
@@ -239,7 +254,10 @@ class SyntheticClipDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_clips:
             raise IndexError(f"clip {index} of a dataset of {self.num_clips}")
-        (clip,) = generate_clips(1, self.split, self.size, self.num_frames, self.seed, self.max_objects, start_index=index)
+        (clip,) = generate_clips(
+            1, self.split, self.size, self.num_frames, self.seed, self.max_objects, start_index=index,
+            two_object_fraction=self.two_object_fraction,
+        )
         pixels = torch.from_numpy(clip.frames).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
         return {"pixels": pixels, "caption": clip.caption}
 

@@ -119,8 +119,9 @@ FINETUNE_TRAINING_DEFAULTS: Dict[str, Any] = {
     "validation_guidance_scale": 4.5,
 }
 FINETUNE_DATA_DEFAULTS: Dict[str, Any] = {
-    "data_dir": None, "height": None, "width": None, "num_frames": None, "fps": 16, "dataloader_num_workers": 0,
-    "cache_latents": True,
+    "data_dir": None, "synthetic": None, "height": None, "width": None, "num_frames": None, "fps": 16,
+    "dataloader_num_workers": 0,
+    "cache_latents": None,  # None: true for a data folder, false for the synthetic world
 }
 
 
@@ -226,13 +227,7 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
     for name in ("height", "width", "num_frames", "fps"):
         _check_positive_int(f"data.{name}", data[name])
     if data["synthetic"] is not None:
-        synthetic = _section(data, "synthetic", {"num_clips": 10000, "seed": 0, "max_objects": 2}, path="data.synthetic")
-        _check_positive_int("data.synthetic.num_clips", synthetic["num_clips"])
-        if synthetic["max_objects"] not in (1, 2):
-            raise ValueError(f"`data.synthetic.max_objects` must be 1 or 2, got {synthetic['max_objects']!r}.")
-        if data["height"] != data["width"]:
-            raise ValueError(f"The synthetic world has square frames: `data.height` ({data['height']}) != `data.width` ({data['width']}).")
-        data["synthetic"] = synthetic
+        _resolve_synthetic(data)
     elif not os.path.isdir(data["data_dir"]):
         raise ValueError(f"`data.data_dir` {data['data_dir']!r} is not a directory.")
 
@@ -302,8 +297,13 @@ def resolve_finetune_config(config: Dict[str, Any], pretrained_dir: str) -> Dict
         training["train_denoiser"] = bool(denoiser_layers)
     _check_training(training, denoiser_layers)
 
-    if data["data_dir"] is None or not os.path.isdir(data["data_dir"]):
-        raise ValueError(f"Fine-tuning needs `data.data_dir` (or --data_dir), a folder of captioned videos; got {data['data_dir']!r}.")
+    if data["synthetic"] is not None and data["data_dir"] is not None:
+        raise ValueError("Config section `data` needs one of `synthetic` (a mapping) or `data_dir` (a folder), not both.")
+    if data["synthetic"] is None and (data["data_dir"] is None or not os.path.isdir(data["data_dir"])):
+        raise ValueError(
+            f"Fine-tuning needs `data.data_dir` (or --data_dir), a folder of captioned videos, or `data.synthetic`; "
+            f"got {data['data_dir']!r}."
+        )
     temporal = index.get("vae_scale_factor_temporal") or 1
     spatial = (index.get("vae_scale_factor_spatial") or 1) * model.get("patch_size", 1)
     base = index.get("base_frame_size") or model.get("sample_size", 1) * spatial
@@ -317,9 +317,34 @@ def resolve_finetune_config(config: Dict[str, Any], pretrained_dir: str) -> Dict
             raise ValueError(f"`data.{name}` must be a multiple of {spatial} for this model, got {data[name]}.")
     if (data["num_frames"] - 1) % temporal:
         raise ValueError(f"`data.num_frames` must be {temporal}k+1 for this model's VAE, got {data['num_frames']}.")
+    if data["cache_latents"] is None:
+        data["cache_latents"] = data["synthetic"] is None  # synthetic clips are rendered on the fly instead
     if not isinstance(data["cache_latents"], bool):
         raise ValueError(f"`data.cache_latents` must be true or false, got {data['cache_latents']!r}.")
+    if data["synthetic"] is not None:
+        _resolve_synthetic(data)
     return {"pretrained_model_name_or_path": pretrained_dir, "data": data, "training": training}
+
+
+SYNTHETIC_DEFAULTS: Dict[str, Any] = {"num_clips": 10000, "seed": 0, "max_objects": 2, "two_object_fraction": None}
+
+
+def _resolve_synthetic(data: Dict[str, Any]) -> None:
+    """Check and fill in `data.synthetic` (the moving-shapes world rendered on the fly) in place."""
+    from .synthetic import check_two_object_fraction
+
+    synthetic = _section(data, "synthetic", SYNTHETIC_DEFAULTS, path="data.synthetic")
+    _check_positive_int("data.synthetic.num_clips", synthetic["num_clips"])
+    if synthetic["max_objects"] not in (1, 2):
+        raise ValueError(f"`data.synthetic.max_objects` must be 1 or 2, got {synthetic['max_objects']!r}.")
+    if synthetic["two_object_fraction"] is not None:
+        try:
+            check_two_object_fraction(synthetic["two_object_fraction"], synthetic["max_objects"])
+        except ValueError as e:
+            raise ValueError(f"`data.synthetic.{str(e).lstrip('`')}") from None
+    if data["height"] != data["width"]:
+        raise ValueError(f"The synthetic world has square frames: `data.height` ({data['height']}) != `data.width` ({data['width']}).")
+    data["synthetic"] = synthetic
 
 
 def _check_training(training: Dict[str, Any], denoiser_layers: int) -> None:
@@ -491,7 +516,8 @@ def build_dataset(config: Dict[str, Any]):
 
         synthetic = data["synthetic"]
         return SyntheticClipDataset(
-            synthetic["num_clips"], "train", data["height"], data["num_frames"], synthetic["seed"], synthetic["max_objects"]
+            synthetic["num_clips"], "train", data["height"], data["num_frames"], synthetic["seed"], synthetic["max_objects"],
+            synthetic["two_object_fraction"],
         )
     from .data import VideoCaptionDataset
 

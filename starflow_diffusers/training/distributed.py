@@ -55,17 +55,6 @@ def gather_tensors(state: Dict[str, "torch.Tensor"]) -> Dict[str, "torch.Tensor"
     return {name: full_tensor(value).detach().cpu().clone() for name, value in state.items()}
 
 
-def gathered_state_dict(accelerator, module, prefix: str = "") -> Dict[str, "torch.Tensor"]:
-    """The full state dict of a prepared `module` (collective under FSDP2), with `prefix` removed from its
-    keys. Under FSDP2 only the main process receives it (on the CPU, gathered layer by layer); the others
-    get an empty dict."""
-    if is_sharded(accelerator):
-        state = accelerator.get_state_dict(module)
-    else:
-        state = accelerator.unwrap_model(module).state_dict()
-    return {name.removeprefix(prefix): value for name, value in state.items()}
-
-
 def trainable_parameter_groups(transformer) -> Tuple[List["torch.nn.Parameter"], List["torch.nn.Parameter"]]:
     """The trainable parameters of the flow and of the learned denoiser, clipped and stepped as two groups.
     Call it again after `accelerator.prepare`: FSDP2 replaces every parameter by its shard."""
@@ -77,9 +66,8 @@ def trainable_parameter_groups(transformer) -> Tuple[List["torch.nn.Parameter"],
 
 
 def unsharded_copy(model, state: Dict[str, "torch.Tensor"]):
-    """A plain (unsharded) copy of `model` holding `state` (from `gathered_state_dict`), with the same LoRA
-    adapters: what the main process samples and saves with under FSDP2. Built on the meta device, so the
-    only memory it takes is `state`'s."""
+    """A plain (unsharded) copy of `model` holding its gathered `state`, with the same LoRA adapters. Built on
+    the meta device, so the only memory it takes is `state`'s."""
     import torch
 
     with torch.device("meta"):
@@ -89,3 +77,17 @@ def unsharded_copy(model, state: Dict[str, "torch.Tensor"]):
     copy.load_state_dict(state, assign=True, strict=True)
     copy.requires_grad_(False)
     return copy.eval()
+
+
+def main_process_pipeline(accelerator, training_module, pipe, device=None):
+    """What the main process samples and saves with: `pipe` itself, or under FSDP2 a pipeline sharing `pipe`'s
+    other components around an unsharded copy of the transformer gathered from `training_module` (a
+    `StarFlowTrainingModule`), on `device` (default: the CPU). Collective under FSDP2: every process calls
+    it, and all but the main one get None. It never samples on a shard."""
+    if not is_sharded(accelerator):
+        return pipe
+    state = accelerator.get_state_dict(training_module)  # whole tensors, on the main process only
+    if not accelerator.is_main_process:
+        return None
+    copy = unsharded_copy(pipe.transformer, {name.removeprefix("transformer."): value for name, value in state.items()})
+    return type(pipe).from_pipe(pipe, transformer=copy if device is None else copy.to(device))

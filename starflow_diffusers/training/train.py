@@ -260,34 +260,24 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
     return {"model": model, "text_encoder": text, "pipeline": pipeline, "scheduler": scheduler, "data": data, "training": training}
 
 
-def _read_json(path: str, what: str) -> Dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} is missing: {what} is not a complete pipeline folder.")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def resolve_finetune_config(config: Dict[str, Any], pretrained_dir: str) -> Dict[str, Any]:
     """Check a fine-tuning config (sections `data` and `training` only: the model, text encoder, VAE,
     pipeline and scheduler come from `pretrained_dir`), filling in the recipe's defaults and the model's
     trained clip size; raises `ValueError` naming the key. Reads only the folder's JSON files."""
-    what = "--pretrained_model_name_or_path"
-    if not os.path.isdir(pretrained_dir):
-        raise ValueError(f"{what} {pretrained_dir!r} is not a directory (a saved StarFlowVPipeline).")
+    from .train_lora import read_pipeline_folder
+
     from_model = sorted(set(config) & {"model", "text_encoder", "pipeline", "scheduler"})
     if from_model:
         raise ValueError(
-            f"Config section(s) {', '.join(from_model)} come from {what} when fine-tuning; allowed: data, training."
+            f"Config section(s) {', '.join(from_model)} come from --pretrained_model_name_or_path when "
+            "fine-tuning; allowed: data, training."
         )
     unknown = sorted(set(config) - {"data", "training"})
     if unknown:
         raise ValueError(f"Unknown config section(s) {', '.join(map(repr, unknown))}; allowed: data, training.")
-    index = _read_json(os.path.join(pretrained_dir, "model_index.json"), what)
-    if index.get("_class_name") not in ("StarFlowVPipeline", "StarFlowVImageToVideoPipeline", "StarFlowVVideoToVideoPipeline"):
-        raise ValueError(f"{what} holds a {index.get('_class_name')!r}; starflow-train fine-tunes STARFlow-V pipelines.")
-    model = _read_json(os.path.join(pretrained_dir, "transformer", "config.json"), what)
+    index, model = read_pipeline_folder(pretrained_dir, "starflow-train")
     if not model.get("is_video", True):
-        raise ValueError(f"{what} holds an image model (is_video=False); starflow-train trains video models.")
+        raise ValueError("--pretrained_model_name_or_path holds an image model (is_video=False); starflow-train trains video models.")
 
     data = _section(config, "data", FINETUNE_DATA_DEFAULTS)
     user_training = config.get("training") or {}
@@ -372,9 +362,9 @@ def _check_training(training: Dict[str, Any], denoiser_layers: int) -> None:
         raise ValueError("`training.train_denoiser` needs a learned denoiser (`model.denoiser_num_layers` > 0).")
     if not isinstance(training["validation_prompts"], list) or not all(isinstance(p, str) for p in training["validation_prompts"]):
         raise ValueError("`training.validation_prompts` must be a list of strings.")
-    for name in ("denoiser_learning_rate",):
-        if training[name] is not None and (not isinstance(training[name], (int, float)) or training[name] <= 0):
-            raise ValueError(f"`training.{name}` must be > 0 (or null: learning_rate), got {training[name]!r}.")
+    rate = training["denoiser_learning_rate"]
+    if rate is not None and (not isinstance(rate, (int, float)) or rate <= 0):
+        raise ValueError(f"`training.denoiser_learning_rate` must be > 0 (or null: learning_rate), got {rate!r}.")
     if not isinstance(training["min_learning_rate"], (int, float)) or not 0 <= training["min_learning_rate"] < training["learning_rate"]:
         raise ValueError(f"`training.min_learning_rate` must be in [0, learning_rate), got {training['min_learning_rate']!r}.")
     if training["min_learning_rate"] > 0 and training["lr_scheduler"] != "cosine":
@@ -597,14 +587,7 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
 
         from ..models.transformer_starflow_v import StarFlowVTransformer
         from .data import EpochShuffleSampler, VideoCaptionDataset, cache_dataset, collate_clips
-        from .distributed import (
-            check_fsdp_version,
-            fsdp_version,
-            gathered_state_dict,
-            is_sharded,
-            trainable_parameter_groups,
-            unsharded_copy,
-        )
+        from .distributed import check_fsdp_version, fsdp_version, is_sharded, main_process_pipeline, trainable_parameter_groups
         from .loop import METRICS_FILE, FlowStepSettings, latent_encoder, latent_model_inputs, remove_incomplete_checkpoints, resume_from_checkpoint as resume, run_training_loop, save_checkpoint
         from .objective import StarFlowTrainingModule
 
@@ -690,22 +673,14 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
     )
     flow_params, denoiser_params = trainable_parameter_groups(transformer)  # FSDP2 replaced them by shards
 
-    def unsharded_transformer():
-        """The transformer itself, or under FSDP2 a gathered, unsharded copy on the main process (None on the
-        others; collective: call it on every process)."""
-        if not sharded:
-            return transformer
-        state = gathered_state_dict(accelerator, training_module, prefix="transformer.")
-        return unsharded_copy(transformer, state) if accelerator.is_main_process else None
-
     # checkpoints hold the transformer as a diffusers model folder (loadable on its own) plus accelerate's
     # states; under FSDP2 accelerate also writes every process's shards, which it reloads itself
     def save_model_hook(models, weights, checkpoint_dir):
         for _ in range(len(weights)):
             weights.pop()
-        whole = unsharded_transformer()
+        saved = main_process_pipeline(accelerator, training_module, pipe)  # on the CPU under FSDP2
         if accelerator.is_main_process:
-            whole.save_pretrained(os.path.join(checkpoint_dir, "transformer"), safe_serialization=True)
+            saved.transformer.save_pretrained(os.path.join(checkpoint_dir, "transformer"), safe_serialization=True)
 
     def load_model_hook(models, checkpoint_dir):
         if sharded:
@@ -734,9 +709,8 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         f"{training['max_train_steps']} steps of {total_batch} clips of {frames}x{height}x{width} on {device}"
     )
 
-    def run_validation(step: int, whole) -> None:
+    def run_validation(step: int, validation_pipe) -> None:
         transformer.eval()
-        validation_pipe = pipe if whole is transformer else type(pipe).from_pipe(pipe, transformer=whole.to(device))
         folder = os.path.join(output_dir, "validation")
         os.makedirs(folder, exist_ok=True)
         for index, prompt in enumerate(training["validation_prompts"]):
@@ -756,10 +730,10 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         if step % training["checkpointing_steps"] == 0 or step == training["max_train_steps"]:
             save_checkpoint(accelerator, output_dir, step, training["checkpoints_total_limit"], logger)
         if training["validation_prompts"] and step % training["validation_steps"] == 0:
-            whole = unsharded_transformer()
+            validation_pipe = main_process_pipeline(accelerator, training_module, pipe, device)
             if accelerator.is_main_process:
-                run_validation(step, whole)
-            del whole
+                run_validation(step, validation_pipe)
+            del validation_pipe
             accelerator.wait_for_everyone()
 
     settings = FlowStepSettings(
@@ -782,10 +756,9 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
     )
 
     accelerator.wait_for_everyone()
-    whole = unsharded_transformer()
+    final_pipe = main_process_pipeline(accelerator, training_module, pipe)
     if accelerator.is_main_process:
-        whole.eval()
-        final_pipe = pipe if whole is transformer else type(pipe).from_pipe(pipe, transformer=whole)
+        final_pipe.transformer.eval()
         save_pipeline(final_pipe, output_dir, getattr(torch, training["save_dtype"]))
         logger.info(f"Saved the pipeline to {output_dir}")
         if isinstance(dataset, VideoCaptionDataset) and dataset.num_skipped:

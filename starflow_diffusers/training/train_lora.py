@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from .._imports import quiet_third_party_import
 
@@ -130,6 +130,23 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
+VIDEO_PIPELINES = ("StarFlowVPipeline", "StarFlowVImageToVideoPipeline", "StarFlowVVideoToVideoPipeline")
+
+
+def read_pipeline_folder(model_dir: str, program: str) -> Tuple[dict, dict]:
+    """`model_index.json` and `transformer/config.json` of the saved STARFlow-V pipeline folder the trainer
+    `program` was given as --pretrained_model_name_or_path, without torch."""
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"--pretrained_model_name_or_path {model_dir!r} is not a directory (a saved StarFlowVPipeline).")
+    index = _read_json(os.path.join(model_dir, "model_index.json"))
+    if index.get("_class_name") not in VIDEO_PIPELINES:
+        raise ValueError(
+            f"--pretrained_model_name_or_path holds a {index.get('_class_name')!r}; {program} trains "
+            "STARFlow-V pipelines (StarFlowVPipeline)."
+        )
+    return index, _read_json(os.path.join(model_dir, "transformer", "config.json"))
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every check that needs no model weights, so that a bad run fails in seconds."""
     for name in ("learning_rate", "lora_alpha", "max_grad_norm", "adam_weight_decay", "caption_dropout",
@@ -166,15 +183,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(_unknown_target_message(unknown))
 
     model_dir = args.pretrained_model_name_or_path
-    if not os.path.isdir(model_dir):
-        raise ValueError(f"--pretrained_model_name_or_path {model_dir!r} is not a directory (a saved StarFlowVPipeline).")
-    index = _read_json(os.path.join(model_dir, "model_index.json"))
-    if index.get("_class_name") not in ("StarFlowVPipeline", "StarFlowVImageToVideoPipeline", "StarFlowVVideoToVideoPipeline"):
-        raise ValueError(
-            f"--pretrained_model_name_or_path holds a {index.get('_class_name')!r}; starflow-train-lora trains "
-            "STARFlow-V pipelines (StarFlowVPipeline)."
-        )
-    transformer_config = _read_json(os.path.join(model_dir, "transformer", "config.json"))
+    index, transformer_config = read_pipeline_folder(model_dir, "starflow-train-lora")
     if args.train_denoiser and not transformer_config.get("denoiser_num_layers"):
         raise ValueError("--train_denoiser needs a model with a learned denoiser (denoiser_num_layers > 0).")
     vae_entry = index.get("vae")
@@ -251,10 +260,9 @@ def train(args: argparse.Namespace) -> str:
             check_fsdp_version,
             fsdp_version,
             gather_tensors,
-            gathered_state_dict,
             is_sharded,
+            main_process_pipeline,
             trainable_parameter_groups,
-            unsharded_copy,
         )
         from .loop import (
             METRICS_FILE,
@@ -404,16 +412,6 @@ def train(args: argparse.Namespace) -> str:
         f"{total_batch} clips of {num_frames}x{height}x{width}"
     )
 
-    def validation_pipeline():
-        """`pipe` itself, or under FSDP2 a pipeline sharing its other components around a gathered, unsharded
-        copy of the transformer (collective: call it on every process; only the main one gets a pipeline)."""
-        if not sharded:
-            return pipe
-        state = gathered_state_dict(accelerator, training_module, prefix="transformer.")
-        if not accelerator.is_main_process:
-            return None
-        return StarFlowVPipeline.from_pipe(pipe, transformer=unsharded_copy(transformer, state).to(device))
-
     def run_validation(step: int, validation_pipe) -> None:
         transformer.eval()
         generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -435,7 +433,7 @@ def train(args: argparse.Namespace) -> str:
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
             save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
         if args.validation_prompt and step % args.validation_steps == 0:
-            validation_pipe = validation_pipeline()
+            validation_pipe = main_process_pipeline(accelerator, training_module, pipe, device)
             if accelerator.is_main_process:
                 run_validation(step, validation_pipe)
             del validation_pipe
@@ -463,7 +461,7 @@ def train(args: argparse.Namespace) -> str:
     accelerator.wait_for_everyone()
     lora_path = save_lora(args.output_dir)
     final_validation = args.validation_prompt and global_step % args.validation_steps
-    validation_pipe = validation_pipeline() if final_validation else None
+    validation_pipe = main_process_pipeline(accelerator, training_module, pipe, device) if final_validation else None
     if accelerator.is_main_process:
         logger.info(f"Saved the LoRA to {lora_path}")
         if final_validation:

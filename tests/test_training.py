@@ -287,4 +287,4 @@ def test_two_object_fraction_weights_the_scenes_and_leaves_the_default_draws_alo
     with pytest.raises(ValueError, match="needs `max_objects` 2"):
         synthetic.generate_clips(2, "train", 32, 3, 5, max_objects=1, two_object_fraction=0.5)
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
-        synthetic.SyntheticClipDataset(4, two_object_fraction=1.5)[0]
+        synthetic.SyntheticClipDataset(4, two_object_fraction=1.5)  # at construction, before any clip

@@ -72,13 +72,13 @@ def check_finite(**tensors: Optional[torch.Tensor]) -> None:
             raise ValueError(f"`{name}` holds NaN or infinite values.")
 
 
-
 def check_default_denoise(default_denoise: str, transformer) -> None:
     """The pipeline config's `default_denoise`: one of `DENOISE_MODES`, and "learned" only with a denoiser."""
     if default_denoise not in DENOISE_MODES:
         raise ValueError(f"`default_denoise` must be one of {DENOISE_MODES}, got {default_denoise!r}.")
     if default_denoise == "learned" and transformer is not None and not transformer.has_denoiser:
         raise ValueError("`default_denoise='learned'` needs a model with a learned denoiser; use 'score' or 'none'.")
+
 
 def check_sizes(**sizes: Optional[int]) -> None:
     """Raise a ValueError naming the first size that is given but not a positive integer."""

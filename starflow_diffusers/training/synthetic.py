@@ -100,11 +100,12 @@ class SyntheticClip:
     spec: ClipSpec
 
 
-def check_two_object_fraction(fraction, max_objects: int) -> None:
+def check_two_object_fraction(fraction, max_objects: int, name: str = "two_object_fraction") -> None:
+    """A probability of a two-object clip, which needs `max_objects` 2; errors name the argument `name`."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
-        raise ValueError(f"`two_object_fraction` must be in [0, 1] (or None), got {fraction!r}.")
+        raise ValueError(f"`{name}` must be in [0, 1] (or None), got {fraction!r}.")
     if max_objects != 2:
-        raise ValueError(f"`two_object_fraction` needs `max_objects` 2, got {max_objects}.")
+        raise ValueError(f"`{name}` needs `max_objects` 2, got {max_objects}.")
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -239,12 +240,13 @@ class SyntheticClipDataset(torch.utils.data.Dataset):
 
     def __init__(
         self, num_clips: int, split: str = "train", size: int = 32, num_frames: int = 17, seed: int = 0,
-        max_objects: int = 2,
-        two_object_fraction: Optional[float] = None,
+        max_objects: int = 2, two_object_fraction: Optional[float] = None,
     ):
         if num_clips < 1:
             raise ValueError(f"`num_clips` must be >= 1, got {num_clips}.")
         _check_choice("split", split, SPLITS)
+        if two_object_fraction is not None:
+            check_two_object_fraction(two_object_fraction, max_objects)
         self.num_clips, self.split, self.size, self.num_frames = num_clips, split, size, num_frames
         self.seed, self.max_objects, self.two_object_fraction = seed, max_objects, two_object_fraction
 

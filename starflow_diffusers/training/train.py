@@ -328,10 +328,7 @@ def _resolve_synthetic(data: Dict[str, Any]) -> None:
     if synthetic["max_objects"] not in (1, 2):
         raise ValueError(f"`data.synthetic.max_objects` must be 1 or 2, got {synthetic['max_objects']!r}.")
     if synthetic["two_object_fraction"] is not None:
-        try:
-            check_two_object_fraction(synthetic["two_object_fraction"], synthetic["max_objects"])
-        except ValueError as e:
-            raise ValueError(f"`data.synthetic.{str(e).lstrip('`')}") from None
+        check_two_object_fraction(synthetic["two_object_fraction"], synthetic["max_objects"], "data.synthetic.two_object_fraction")
     if data["height"] != data["width"]:
         raise ValueError(f"The synthetic world has square frames: `data.height` ({data['height']}) != `data.width` ({data['width']}).")
     data["synthetic"] = synthetic

@@ -27,13 +27,13 @@ PROMPTS = (
 
 def main(argv=None) -> None:
     from starflow_diffusers import BUNDLED_MODEL, StarFlowVPipeline
-    from starflow_diffusers.cli import DEFAULT_GUIDANCE_SCALE
+    from starflow_diffusers.cli import DEFAULT_GUIDANCE_SCALE, DENOISE_CHOICES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=BUNDLED_MODEL)
     parser.add_argument("--output", required=True, help="PNG to write")
     parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
-    parser.add_argument("--denoise", default="auto", choices=("auto", "learned", "score", "none"))
+    parser.add_argument("--denoise", default="auto", choices=DENOISE_CHOICES)
     args = parser.parse_args(argv)
     pipe = StarFlowVPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)

@@ -66,7 +66,7 @@ def scheduler_overrides(items) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from starflow_diffusers import BUNDLED_MODEL
-    from starflow_diffusers.cli import DEFAULT_GUIDANCE_SCALE
+    from starflow_diffusers.cli import DEFAULT_GUIDANCE_SCALE, DENOISE_CHOICES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=BUNDLED_MODEL, help="StarFlowVPipeline folder (default: the bundled model)")
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="clip i is generated with seed + i")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic test split")
     parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
-    parser.add_argument("--denoise", default="auto", choices=("auto", "learned", "score", "none"))
+    parser.add_argument("--denoise", default="auto", choices=DENOISE_CHOICES)
     parser.add_argument("--batch-size", type=int, default=8, help="clips generated together")
     parser.add_argument(
         "--contact-sheet", default=None,

@@ -19,13 +19,11 @@ gives the caption a time-reversed clip would have.
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-
-from dataclasses import replace
 
 from .training.synthetic import COLOURS, DIRECTIONS, SPEEDS, ClipSpec
 

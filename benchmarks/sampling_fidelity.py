@@ -14,6 +14,9 @@ For every solver setting it reports:
   inverse, which matches the original's sequential mode to 2.3e-5 on bench_small);
 * Pareto: whether no other setting of the same model and length is both faster and at most as far off
   (max and RMS).
+With `--oracle`, untimed rows of `OraclePipeline` (a lower bound on the tokens of sliding-window solvers, see
+its docstring) are added, and for each model a summary gives the fewest tokens with which `adaptive` and the
+oracle reach the original's fidelity (max and RMS error at most those of Jacobi at 1e-3 with the batch rule).
 The original's serial calls and tokens are those of our `jacobi` with the batch rule: the same algorithm and
 plan, checked by its sample (`original_vs_ours`). Prints a table per model and one JSON line.
 
@@ -27,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 from statistics import median
+from typing import Optional
 
 import torch
 
@@ -37,6 +41,8 @@ from sampling_speed import GUIDANCE_SCALE, PARITY_DIR, load_inputs, load_transfo
 from starflow_diffusers import BUNDLED_MODEL, JacobiFlowScheduler, StarFlowVPipeline, StarFlowVTransformer  # noqa: E402
 
 
+# the oracle's exact solves must not be counted: it calls the method as defined, not as `SolveCounter` patches it
+EVALUATE_BLOCK = StarFlowVTransformer.evaluate_block
 # (name, scheduler settings); the thresholds of each solver sweep around its default
 SOLVERS = [
     ("jacobi", {"mode": "jacobi", "convergence": "batch", "threshold": 1e-2}),
@@ -50,6 +56,9 @@ SOLVERS = [
     ("adaptive", {"mode": "adaptive", "threshold": 3e-3, "shallow_threshold": 1e-5}),
 ]
 ORIGINAL_THRESHOLDS = (1e-2, 1e-3, 1e-4)
+ORACLE_TOLERANCES = (1e-3, 5e-4, 3e-4, 2e-4, 1e-4)
+# the row whose fidelity the summary matches: the original's algorithm and rule at its default threshold
+ORIGINAL_FIDELITY_ROW = "jacobi threshold=0.001"
 BUNDLED_PROMPTS = [
     "a red circle moving right",
     "a white square moving up and a cyan triangle moving left",
@@ -81,15 +90,60 @@ class SolveCounter:
         StarFlowVTransformer.evaluate_block = self._evaluate
 
 
+class OraclePipeline(StarFlowVPipeline):
+    """`mode="adaptive"`'s plan and sliding windows with a commit rule that knows the answer.
+
+    Before each chunk, the exact inverse of the chunk given the tokens committed so far is computed token by
+    token (not counted). Each evaluation then commits the longest prefix of the window whose new values are
+    within `oracle_tolerance` of it (squared error relative to the chunk's mean square; at least one token,
+    the first, which is exact). A solver that commits prefixes of a sliding window and wants every token
+    within that tolerance of this target cannot commit earlier, so its tokens and calls bound those of any
+    such rule that reads only the iterates (`adaptive`'s included), at that tolerance, window and start.
+    Sweeping the tolerance gives the bound's fidelity curve.
+    """
+
+    oracle_tolerance: float = 1e-3
+
+    def _solve_chunk_adaptive(self, block_index, chunk, state, noise, cache, rotary, guidance, threshold):
+        scheduler, dtype = self.scheduler, self.compute_dtype
+
+        def evaluate(tokens, prepend_sos, counted):
+            evaluate_block = type(self.transformer).evaluate_block if counted else EVALUATE_BLOCK
+            params = evaluate_block(self.transformer, block_index, guidance.batch(tokens).to(dtype), cache, rotary,
+                                    prepend_sos=prepend_sos)
+            return guidance.combine(params)
+
+        if chunk.warm_start_offset:  # the same start as `adaptive`
+            offset = chunk.warm_start_offset
+            for first in range(chunk.start, chunk.end, offset):
+                last = min(first + offset, chunk.end)
+                state[:, first:last] = state[:, first - offset : last - offset]
+        base = cache.length
+        exact = state.clone()
+        for token in range(chunk.start, chunk.end):
+            shift, scale = evaluate(*scheduler.shifted_inputs(exact, token, token + 1), counted=False)
+            exact[:, token : token + 1] = shift + scale * noise[:, token : token + 1]
+        mean_square = exact[:, chunk.start : chunk.end].square().mean()
+        frontier = chunk.start
+        while frontier < chunk.end:
+            end = scheduler.window_end(chunk, frontier)
+            cache.truncate(base + frontier - chunk.start)
+            shift, scale = evaluate(*scheduler.shifted_inputs(state, frontier, end), counted=True)
+            state[:, frontier:end] = shift + scale * noise[:, frontier:end]
+            error = (state[:, frontier:end] - exact[:, frontier:end]).square().mean((0, 2)) / mean_square
+            frontier += max(int((error <= self.oracle_tolerance).long().cumprod(0).sum()), 1)
+
+
 def _label(name: str, settings: dict) -> str:
     shown = {k: v for k, v in settings.items() if k not in ("mode", "convergence")}
     return name + (" " + " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) if shown else "")
 
 
-def measure(cases: dict, reference: torch.Tensor, repeats: int) -> list:
-    """cases: {label: (run, counted)} where run() returns the output latents. One row per case."""
+def measure(cases: dict, reference: torch.Tensor, repeats: int, untimed: Optional[dict] = None) -> list:
+    """cases: {label: (run, counted)} where run() returns the output latents; `untimed` cases (the oracle)
+    are counted but not timed. One row per case."""
     rows = []
-    for label, (run, counted) in cases.items():
+    for label, (run, counted) in {**cases, **(untimed or {})}.items():
         if counted:
             with SolveCounter() as counter:
                 out = run()
@@ -106,22 +160,51 @@ def measure(cases: dict, reference: torch.Tensor, repeats: int) -> list:
             run()
             times[label].append(time.perf_counter() - start)
     for row in rows:
-        row["time_s"] = median(times[row["solver"]])
+        row["time_s"] = median(times[row["solver"]]) if row["solver"] in times else None
+    timed = [row for row in rows if row["time_s"] is not None]
     for row in rows:
-        row["pareto"] = not any(
+        row["pareto"] = row["time_s"] is not None and not any(
             other["time_s"] < row["time_s"] and other["max_error"] <= row["max_error"]
-            and other["rms_error"] <= row["rms_error"] for other in rows
+            and other["rms_error"] <= row["rms_error"] for other in timed
         )
     return rows
 
 
-def _pipeline(transformer, **settings) -> StarFlowVPipeline:
-    pipe = StarFlowVPipeline(transformer=transformer, scheduler=JacobiFlowScheduler(**settings))
+def matched_fidelity(rows: list) -> dict:
+    """Per solver family, the fewest tokens (and their calls) among its rows at most as far off as the
+    original's algorithm at 1e-3 (max and RMS), as a ratio of that row's tokens; None where no row is."""
+    target = next(row for row in rows if row["solver"] == ORIGINAL_FIDELITY_ROW)
+    summary = {}
+    for family in ("adaptive", "oracle"):
+        matching = [
+            row for row in rows if row["solver"].startswith(family) and row["tokens"] is not None
+            and row["max_error"] <= target["max_error"] and row["rms_error"] <= target["rms_error"]
+        ]
+        best = min(matching, key=lambda row: row["tokens"], default=None)
+        summary[family] = None if best is None else dict(
+            solver=best["solver"], tokens=best["tokens"], token_ratio=round(best["tokens"] / target["tokens"], 3),
+            serial_calls=best["serial_calls"], original_calls=target["serial_calls"])
+    return summary
+
+
+def _pipeline(transformer, pipeline_class=StarFlowVPipeline, **settings) -> StarFlowVPipeline:
+    pipe = pipeline_class(transformer=transformer, scheduler=JacobiFlowScheduler(**settings))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def bench_small_cases(transformer, frames: int, original, inputs: Path):
+def _oracle(pipeline_class, tolerance: float):
+    return type("Oracle", (pipeline_class,), {"oracle_tolerance": tolerance})
+
+
+def oracle_settings():
+    """(label, tolerance, scheduler settings): the tolerances, with and without the warm start."""
+    for tolerance in ORACLE_TOLERANCES:
+        for warm_start in (True, False):
+            yield f"oracle tolerance={tolerance:g} warm_start={warm_start}", tolerance, {"mode": "adaptive", "warm_start": warm_start}
+
+
+def bench_small_cases(transformer, frames: int, original, inputs: Path, with_oracle: bool = False):
     noise, text = load_inputs(inputs, transformer, frames)
 
     def ours(pipe):
@@ -141,15 +224,20 @@ def bench_small_cases(transformer, frames: int, original, inputs: Path):
                     return original(x, text, reverse=True, **kw).permute(0, 2, 1, 3, 4)
 
             cases[f"original threshold={threshold:g}"] = (run, False)
-    return cases, reference
+    oracles = {}
+    if with_oracle:
+        for label, tolerance, settings in oracle_settings():
+            oracles[label] = (ours(_pipeline(transformer, _oracle(OraclePipeline, tolerance), **settings)), True)
+    return cases, reference, oracles
 
 
-def bundled_cases():
+def bundled_cases(with_oracle: bool = False):
     base = StarFlowVPipeline.from_pretrained(BUNDLED_MODEL)
     base.set_progress_bar_config(disable=True)
 
-    def ours(settings):
-        pipe = StarFlowVPipeline(**{**base.components, "scheduler": JacobiFlowScheduler.from_config(base.scheduler.config, **settings)})
+    def ours(settings, pipeline_class=StarFlowVPipeline):
+        scheduler = JacobiFlowScheduler.from_config(base.scheduler.config, **settings)
+        pipe = pipeline_class(**{**base.components, "scheduler": scheduler})
         pipe.set_progress_bar_config(disable=True)
         generators = lambda: [torch.Generator().manual_seed(i) for i in range(len(BUNDLED_PROMPTS))]  # noqa: E731
         return lambda: pipe(BUNDLED_PROMPTS, generator=generators(), guidance_scale=3.0, denoise="none",
@@ -157,17 +245,39 @@ def bundled_cases():
 
     reference = ours(dict(mode="sequential"))()
     solvers = [("bundled default", {})] + SOLVERS
-    return {_label(name, s): (ours(s), True) for name, s in solvers}, reference
+    oracles = {}
+    if with_oracle:
+        for label, tolerance, settings in oracle_settings():
+            oracles[label] = (ours(settings, _oracle(OraclePipeline, tolerance)), True)
+    return {_label(name, s): (ours(s), True) for name, s in solvers}, reference, oracles
 
 
 def print_table(title: str, rows: list) -> None:
     print(f"\n{title}")
     print(f"{'solver':<70} {'time (s)':>8} {'calls':>6} {'tokens':>7} {'max err':>8} {'RMS err':>8} pareto")
-    for row in sorted(rows, key=lambda r: r["time_s"]):
+    for row in sorted(rows, key=lambda r: (r["time_s"] is None, r["time_s"] or 0.0)):
         calls = "-" if row["serial_calls"] is None else row["serial_calls"]
         tokens = "-" if row["tokens"] is None else row["tokens"]
-        print(f"{row['solver']:<70} {row['time_s']:>8.3f} {calls:>6} {tokens:>7} {row['max_error']:>8.3f} "
+        time_s = "-" if row["time_s"] is None else f"{row['time_s']:.3f}"
+        print(f"{row['solver']:<70} {time_s:>8} {calls:>6} {tokens:>7} {row['max_error']:>8.3f} "
               f"{row['rms_error']:>8.4f} {'*' if row['pareto'] else ''}")
+
+
+def print_matched(summary: dict) -> None:
+    for family, best in summary.items():
+        if best is None:
+            print(f"  {family}: no row reaches the original's fidelity")
+        else:
+            print(f"  {family}: {best['tokens']} tokens ({best['token_ratio']:.2f}x the original's), "
+                  f"{best['serial_calls']} calls (original {best['original_calls']}), {best['solver']}")
+
+
+def report(result: dict, key: str, title: str, rows: list) -> None:
+    result["models"][key] = rows
+    print_table(title, rows)
+    result.setdefault("matched_fidelity", {})[key] = summary = matched_fidelity(rows)
+    print("fewest tokens at the original's fidelity (max and RMS error at most jacobi 1e-3's):")
+    print_matched(summary)
 
 
 def main() -> None:
@@ -179,6 +289,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--no-bundled", action="store_true", help="skip the bundled model")
+    parser.add_argument("--oracle", action="store_true", help="add the oracle's lower bound (untimed, slow)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     original = None
@@ -191,15 +302,13 @@ def main() -> None:
               "probe_before": machine_probe(), "models": {}}
     with torch.no_grad():
         for frames in args.frames:
-            cases, reference = bench_small_cases(transformer, frames, original, Path(args.inputs))
-            rows = measure(cases, reference, args.repeats)
-            result["models"][f"bench_small/{frames}"] = rows
-            print_table(f"bench_small, {frames} latent frames (reference: sequential)", rows)
+            cases, reference, oracles = bench_small_cases(transformer, frames, original, Path(args.inputs), args.oracle)
+            report(result, f"bench_small/{frames}", f"bench_small, {frames} latent frames (reference: sequential)",
+                   measure(cases, reference, args.repeats, oracles))
         if not args.no_bundled:
-            cases, reference = bundled_cases()
-            rows = measure(cases, reference, args.repeats)
-            result["models"]["bundled"] = rows
-            print_table("bundled shapes model, 4 prompts, 17 frames (reference: sequential)", rows)
+            cases, reference, oracles = bundled_cases(args.oracle)
+            report(result, "bundled", "bundled shapes model, 4 prompts, 17 frames (reference: sequential)",
+                   measure(cases, reference, args.repeats, oracles))
     result["probe_after"] = machine_probe()
     print(f"\nmachine probe: before {result['probe_before']}, after {result['probe_after']}")
     print(json.dumps(result))

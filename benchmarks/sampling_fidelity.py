@@ -90,6 +90,12 @@ class SolveCounter:
         StarFlowVTransformer.evaluate_block = self._evaluate
 
 
+def committed_prefix(error: torch.Tensor, tolerance: float) -> int:
+    """How many tokens of a window the oracle commits: the longest prefix within `tolerance`, at least one
+    (the window's first token has committed inputs only)."""
+    return max(int((error <= tolerance).long().cumprod(0).sum()), 1)
+
+
 class OraclePipeline(StarFlowVPipeline):
     """`mode="adaptive"`'s plan and sliding windows with a commit rule that knows the answer.
 
@@ -131,7 +137,7 @@ class OraclePipeline(StarFlowVPipeline):
             shift, scale = evaluate(*scheduler.shifted_inputs(state, frontier, end), counted=True)
             state[:, frontier:end] = shift + scale * noise[:, frontier:end]
             error = (state[:, frontier:end] - exact[:, frontier:end]).square().mean((0, 2)) / mean_square
-            frontier += max(int((error <= self.oracle_tolerance).long().cumprod(0).sum()), 1)
+            frontier += committed_prefix(error, self.oracle_tolerance)
 
 
 def _label(name: str, settings: dict) -> str:

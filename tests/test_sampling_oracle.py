@@ -12,7 +12,7 @@ from starflow_diffusers import JacobiFlowScheduler
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from sampling_fidelity import OraclePipeline, SolveCounter, _oracle  # noqa: E402
+from sampling_fidelity import OraclePipeline, SolveCounter, _oracle, committed_prefix  # noqa: E402
 
 
 def _oracle_run(tolerance: float, **scheduler_settings):
@@ -25,6 +25,12 @@ def _oracle_run(tolerance: float, **scheduler_settings):
                    latents=to_diffusers_layout(tensors["sample_noise"]), guidance_scale=1.0 + settings["cfg_scale"],
                    denoise="none", output_type="latent").frames
     return max_err(to_diffusers_layout(out), tensors["rev_seq_cfg"]), counter, pipe
+
+
+def test_the_oracle_commits_the_prefix_within_the_tolerance_and_at_least_one_token():
+    assert committed_prefix(torch.tensor([0.0, 1e-4, 1.0, 0.0]), 1e-3) == 2
+    assert committed_prefix(torch.tensor([1.0, 0.0, 0.0]), 1e-3) == 1
+    assert committed_prefix(torch.tensor([0.0, 0.0]), 0.0) == 2
 
 
 def test_a_zero_tolerance_oracle_gives_the_original_sequential_sample():

@@ -474,3 +474,11 @@ def test_sample_inverts_forward_pass(mode):
     torch.testing.assert_close(z, latents, rtol=0, atol=1e-4)
     # and the sample is not trivially the noise
     assert (out - latents).abs().max() > 1e-2
+
+
+def test_only_batch_convergence_jacobi_couples_the_sequences_of_a_batch():
+    coupled = {
+        (mode, convergence): not JacobiFlowScheduler(mode=mode, convergence=convergence).sequences_independent
+        for mode in ("jacobi", "adaptive", "sequential") for convergence in ("sample", "batch")
+    }
+    assert [key for key, value in coupled.items() if value] == [("jacobi", "batch")]

@@ -106,6 +106,17 @@ def test_batch_convergence_streams_once_the_deep_block_is_done():
     torch.testing.assert_close(torch.cat([item for item, _ in items], dim=2), full, rtol=0, atol=1e-6)
 
 
+def test_the_adaptive_solve_streams_early_whatever_the_convergence_setting():
+    # `adaptive` commits per sequence by construction, so `convergence="batch"` does not couple its frames
+    pipe = tiny_pipeline(with_vae=False, scheduler_kwargs=dict(mode="adaptive", convergence="batch"))
+    assert pipe.scheduler.sequences_independent
+    kwargs = call_kwargs(vae=False, denoise="none", output_type="latent")
+    full = pipe(**kwargs).frames
+    items, recorder = stream_items(pipe, **call_kwargs(vae=False, denoise="none", output_type="latent"))
+    assert items[0][1] == 1 < len(recorder.indices)
+    torch.testing.assert_close(torch.cat([item for item, _ in items], dim=2), full, rtol=0, atol=1e-6)
+
+
 def test_stream_with_a_batch_and_pil_output():
     pipe = tiny_pipeline(scheduler_kwargs=dict(convergence="sample"))
     kwargs = dict(num_videos_per_prompt=2, denoise="learned", output_type="pil")

@@ -464,7 +464,7 @@ class StarFlowSamplingMixin:
         if scheduler.config.mode == "adaptive":
             return self._solve_chunk_adaptive(block_index, chunk, state, noise, cache, rotary, guidance, threshold)
         dtype = self.compute_dtype
-        replay = scheduler.config.convergence == "sample" and state.shape[0] > 1
+        replay = scheduler.sequences_independent and state.shape[0] > 1
         converged, converged_inputs = None, None
         for iteration in range(scheduler.iterations_per_chunk):
             inputs, prepend_sos = scheduler.chunk_inputs(state, chunk, iteration)

@@ -36,9 +36,10 @@ class StarFlowVStreamingMixin:
         When a frame is final: the deep block has solved the frame and, with denoising, what the denoiser looks
         at (see `final_frames`): R = denoiser layers x `denoiser_lookahead` frames ahead for `denoise="learned"`,
         its whole window for "score". The shallow blocks of a frame run as soon as the deep block has solved it
-        when frames are independent there: per-frame shallow blocks (released models) solved sequentially or
-        with the default `JacobiFlowScheduler(convergence="sample")`. With `convergence="batch"` (the original's
-        rule, which couples the frames) nothing is final before the deep block has solved the whole video.
+        when frames are independent there: per-frame shallow blocks (released models) solved sequentially, with
+        `mode="adaptive"`, or with the default `JacobiFlowScheduler(convergence="sample")`. With `mode="jacobi"`
+        and `convergence="batch"` (the original's rule, which couples the frames) nothing is final before the
+        deep block has solved the whole video.
 
         Frames are decoded causally, one latent frame at a time, with the Wan VAE's feature cache (VAE tiling
         must be off). A `callback_on_step_end` that returns new `latents` or embeddings only changes frames not
@@ -141,16 +142,15 @@ class StarFlowVStreamingMixin:
 
         Deep/shallow pipelining: the shallow blocks of a frame are inverted right after the deep block's chunk
         that completes it. That needs frames whose shallow inversion does not depend on other frames:
-        per-frame shallow blocks solved sequentially or with `convergence="sample"`. Otherwise (the
-        original's batch-wide Jacobi rule couples the frames) the frames are inverted once the deep block is
+        per-frame shallow blocks solved with a rule that keeps sequences apart (`sequences_independent`: any mode
+        but `jacobi` with `convergence="batch"`). Otherwise (the original's batch-wide Jacobi rule couples the
+        frames) the frames are inverted once the deep block is
         done, then denoised and yielded one denoising window at a time."""
         b, _, t, h, w = noise.shape
         p = self.transformer.config.patch_size
         grid = (b, t, h // p, w // p)
         scheduler = self.scheduler
-        independent = self.transformer.config.shallow_blocks_per_frame and (
-            scheduler.config.mode == "sequential" or scheduler.config.convergence == "sample"
-        )
+        independent = self.transformer.config.shallow_blocks_per_frame and scheduler.sequences_independent
         # the denoising windows of `sample_latents`: the solve's local window (set by the solve), else all frames
         window = scheduler.resolve_window(t, self.transformer.config.trained_latent_frames) or t
         starts = self._denoise_window_starts(t, window)

@@ -192,6 +192,12 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         return self.config.shallow_threshold
 
     @property
+    def sequences_independent(self) -> bool:
+        """Whether each sequence of a batch is solved as if it were alone: every mode but `jacobi` with
+        `convergence="batch"` (sequential steps and `adaptive`'s windows are per sequence by construction)."""
+        return self.config.mode != "jacobi" or self.config.convergence == "sample"
+
+    @property
     def iterations_per_chunk(self) -> int:
         return 1 if self.config.mode == "sequential" else self.config.max_iterations
 

@@ -1,6 +1,6 @@
 """Sharded training: FSDP2 through accelerate, for `starflow-train-lora` and `starflow-train`.
 
-The two-process runs use gloo on this CPU through `launch_fsdp_on_cpu.py` (accelerate enables its FSDP code
+The two-process runs use gloo on this CPU through `launch_on_cpu.py` (accelerate enables its FSDP code
 only for accelerator devices; the launcher keeps the plugin, nothing else). A run split over two processes
 draws the same noise, captions drops and data as one process with the same global batch, so their losses
 agree to float rounding; a run resumed from a sharded checkpoint ends bit-identical to an uninterrupted one.
@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from starflow_diffusers import StarFlowVPipeline
-from starflow_diffusers.testing_utils import tiny_pipeline_components, tiny_transformer
+from starflow_diffusers.testing_utils import tiny_transformer
 from starflow_diffusers.training import synthetic
 from starflow_diffusers.training.distributed import FSDP1_UNSUPPORTED, check_fsdp_version
 from starflow_diffusers.training.loop import METRICS_FILE, batch_generator, sample_generators
@@ -26,7 +26,7 @@ from starflow_diffusers.training.objective import StarFlowTrainingModule, add_tr
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER = os.path.join(ROOT, "tests", "launch_fsdp_on_cpu.py")
+LAUNCHER = os.path.join(ROOT, "tests", "launch_on_cpu.py")
 # the two runs' losses: float rounding of batch-of-4 versus two batches of 2 and a sharded reduction
 LOSS_RTOL = 1e-5
 # small enough that every update is clipped, so that clipping the wrong (pre-shard) parameters shows
@@ -112,19 +112,6 @@ def _assert_equal_tensors(expected, actual, atol):
     assert expected.keys() == actual.keys()
     worst = max((expected[k].float() - actual[k].float()).abs().max().item() for k in expected)
     assert worst <= atol, worst
-
-
-@pytest.fixture(scope="module")
-def lora_setup(tmp_path_factory):
-    components = tiny_pipeline_components(with_vae=False)
-    components["transformer"] = tiny_transformer(
-        in_channels=3, patch_size=4, sample_size=8, trained_latent_frames=9, max_text_length=24
-    )
-    model_dir = tmp_path_factory.mktemp("tiny_model")
-    StarFlowVPipeline(**components, fps_conditioning=False, aspect_ratio_conditioning=False).save_pretrained(model_dir)
-    data_dir = tmp_path_factory.mktemp("shapes") / "data"
-    synthetic.write_dataset(str(data_dir), num_train=16, num_test=4, size=32, num_frames=9)
-    return str(model_dir), str(data_dir / "train")
 
 
 def _lora_args(model_dir, data_dir, output_dir, batch_size, *extra):

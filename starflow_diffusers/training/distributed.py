@@ -1,11 +1,13 @@
 # Copyright 2025 The starflow-diffusers authors. Licensed under the Apache License, Version 2.0.
-"""What the trainers need to run sharded (FSDP2 through accelerate) as well as on one process or with DDP.
+"""What the trainers need to run sharded (FSDP2 or DeepSpeed through accelerate) as well as on one process or
+with DDP.
 
 Under FSDP2 every parameter of the prepared module is a `DTensor` shard, replaced at `prepare`: parameter
 lists must be taken after it, and anything that reads whole weights (saving, validation) needs them
 gathered first. The gathers here are collective: every process calls them, in the same order.
 """
 
+import contextlib
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 
@@ -36,8 +38,98 @@ def check_fsdp_version(version: Optional[int]) -> None:
         raise ValueError(FSDP1_UNSUPPORTED)
 
 
+def uses_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+DEEPSPEED_ZERO3_DENOISER = (
+    "Training the learned denoiser is not supported under DeepSpeed ZeRO-3: its flow-score target is the flow "
+    "loss's gradient at the input, taken through the same graph before the step's backward, and ZeRO-3 "
+    "releases each layer's gathered weights after the first pass through it. Use ZeRO-2 or FSDP2, or turn "
+    "denoiser training off."
+)
+
+
+def configure_deepspeed(accelerator, max_grad_norm: float, train_denoiser: bool) -> None:
+    """Under DeepSpeed, check and complete its config before any weight is loaded.
+
+    The engine clips (one norm over all parameters) with its config's `gradient_clipping`, which accelerate
+    sets to 1.0 when it is "auto". So "auto" (or no value) becomes `max_grad_norm`, and a value that differs
+    from it is refused, naming both: the trainer's setting would otherwise be ignored. Under ZeRO-3, the
+    gathering of whole weights for saving is turned on, and training the denoiser is refused
+    (`DEEPSPEED_ZERO3_DENOISER`)."""
+    if not uses_deepspeed(accelerator):
+        return
+    plugin = accelerator.state.deepspeed_plugin
+    config = plugin.deepspeed_config
+    if plugin.zero_stage == 3:
+        if train_denoiser:
+            raise ValueError(DEEPSPEED_ZERO3_DENOISER)
+        # checkpoints, validation and the saved pipeline read whole weights
+        zero = config.setdefault("zero_optimization", {})
+        if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
+            raise ValueError(
+                "Under ZeRO-3 the trainers save and sample whole weights: set "
+                "`stage3_gather_16bit_weights_on_model_save: true` (`zero3_save_16bit_model: true`) in the "
+                "DeepSpeed config."
+            )
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    clipping = config.get("gradient_clipping", "auto")
+    if clipping in ("auto", None):
+        config["gradient_clipping"] = max_grad_norm
+    elif float(clipping) != max_grad_norm:
+        raise ValueError(
+            f"The DeepSpeed config's `gradient_clipping` ({clipping}) differs from `max_grad_norm` "
+            f"({max_grad_norm}); DeepSpeed clips inside its engine with its own value. Set them equal, or "
+            "`gradient_clipping: auto`."
+        )
+
+
+@contextlib.contextmanager
+def whole_weights_loading(accelerator):
+    """A context to load the pipeline in. Under a DeepSpeed ZeRO-3 config, transformers' `from_pretrained`
+    creates models already partitioned (`deepspeed.zero.Init`), which would leave the frozen text encoder,
+    which runs outside the engine, without its weights; the engine partitions the transformer itself at
+    `prepare`. accelerate's `zero3_init_context_manager(enable=False)` keeps the config transformers reads
+    (accelerate 1.15), so the context removes that config and restores it on exit."""
+    if not uses_deepspeed(accelerator):
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def zero_stage(accelerator) -> Optional[int]:
+    """DeepSpeed's ZeRO stage, or None without DeepSpeed."""
+    return accelerator.state.deepspeed_plugin.zero_stage if uses_deepspeed(accelerator) else None
+
+
 def is_sharded(accelerator) -> bool:
-    return fsdp_version(accelerator) == 2
+    """Whether each process holds only part of every parameter: FSDP2, or DeepSpeed ZeRO-3."""
+    return fsdp_version(accelerator) == 2 or zero_stage(accelerator) == 3
+
+
+def restores_model_itself(accelerator) -> bool:
+    """Whether `accelerator.load_state` reloads the module's weights itself (FSDP2's shards, DeepSpeed's
+    engine checkpoint), so that a trainer's load hook must leave them alone."""
+    return fsdp_version(accelerator) == 2 or uses_deepspeed(accelerator)
+
+
+def gathered(accelerator, params: List["torch.nn.Parameter"]):
+    """A context in which ZeRO-3-partitioned `params` hold their whole values (collective: every process
+    enters it); nothing to do otherwise (FSDP2's DTensors are gathered by `full_tensor`)."""
+    if zero_stage(accelerator) != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def full_tensor(tensor: "torch.Tensor") -> "torch.Tensor":
@@ -80,10 +172,10 @@ def unsharded_copy(model, state: Dict[str, "torch.Tensor"]):
 
 
 def main_process_pipeline(accelerator, training_module, pipe, device=None):
-    """What the main process samples and saves with: `pipe` itself, or under FSDP2 a pipeline sharing `pipe`'s
-    other components around an unsharded copy of the transformer gathered from `training_module` (a
-    `StarFlowTrainingModule`), on `device` (default: the CPU). Collective under FSDP2: every process calls
-    it, and all but the main one get None. It never samples on a shard."""
+    """What the main process samples and saves with: `pipe` itself, or when sharded (FSDP2, ZeRO-3) a pipeline
+    sharing `pipe`'s other components around an unsharded copy of the transformer gathered from
+    `training_module` (a `StarFlowTrainingModule`), on `device` (default: the CPU). Collective when sharded:
+    every process calls it, and all but the main one get None. It never samples on a shard."""
     if not is_sharded(accelerator):
         return pipe
     state = accelerator.get_state_dict(training_module)  # whole tensors, on the main process only

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .distributed import full_tensor
+from .distributed import full_tensor, uses_deepspeed
 from .objective import (
     add_training_noise,
     denoiser_loss,
@@ -55,11 +55,12 @@ class FlowStepSettings:
         skip_large_gradients_after (`int`, *optional*): after this many updates, an update where a group's
             gradient norm (before clipping) exceeds `max_grad_norm` is skipped (its gradients are dropped; the
             learning-rate schedule still advances), as the original trains with `grad_skip`. None: never.
-        single_backward (`bool`): with `train_denoiser`, one backward of the summed flow and denoiser losses
-            per micro-batch (the flow's input gradient, the score, is then taken with `torch.autograd.grad`
-            first). DeepSpeed needs it: its engine steps at every backward of an accumulation boundary, so two
-            backward calls would make two optimizer steps per update. It costs one more backward through
-            the flow; the trainers turn it on under DeepSpeed only.
+        single_backward (`bool`): with `train_denoiser`, one forward and one backward of the summed flow and
+            denoiser losses per micro-batch; the flow's input gradient (the score) is taken inside the forward
+            (`StarFlowTrainingModule`). DeepSpeed needs it: its engine steps at every backward of an
+            accumulation boundary (two backward calls would make two optimizer steps per update), and it hooks
+            each forward's outputs (a gradient taken through them would run its reduction). It costs one more
+            backward through the flow; the trainers turn it on under DeepSpeed only.
     """
 
     noise_std: float
@@ -174,17 +175,15 @@ def train_micro_batch(
         prompt_embeds = prompt_embeds.to(pipe.transformer.dtype)  # (encode_prompt keeps the text encoder's)
         noisy = add_training_noise(latents, settings.noise_std, generators)
     noisy.requires_grad_(settings.train_denoiser)
+    one_step = settings.train_denoiser and settings.single_backward
     with accelerator.autocast():
         flow = flow_nll_loss(
-            training_module, noisy, prompt_embeds, settings.noise_std, settings.noise_level_conditioning
+            training_module, noisy, prompt_embeds, settings.noise_std, settings.noise_level_conditioning,
+            with_denoiser=one_step,
         )
     metrics = {"loss": flow.loss.detach(), "bits_per_dim": flow.bits_per_dim.mean()}
-    if settings.train_denoiser and settings.single_backward:
-        (input_grad,) = torch.autograd.grad(flow.loss, noisy, retain_graph=True)
-        target = flow_score_target(input_grad, settings.noise_std)
-        with accelerator.autocast():
-            prediction = training_module(noisy.detach(), prompt_embeds, denoise=True)
-        loss_denoiser = denoiser_loss(prediction, target)
+    if one_step:
+        loss_denoiser = denoiser_loss(flow.denoiser_prediction, flow.denoiser_target)
         # the two losses reach disjoint parameters: the summed backward gives each its own gradients
         accelerator.backward(flow.loss + loss_denoiser)
         metrics["denoiser_loss"] = loss_denoiser.detach()
@@ -224,12 +223,15 @@ def run_training_loop(
 
     Args:
         dataloader: an accelerate-prepared loader whose sampler has `set_epoch` (`EpochShuffleSampler`).
-        param_groups: parameters clipped together (the flow's and the denoiser's losses have their own scales).
+        param_groups: parameters clipped together (the flow's and the denoiser's losses have their own scales);
+            under DeepSpeed its engine clips them all together, and `grad_norm` is that one norm.
         model_inputs: a batch and its per-sample generators -> model-space latents (B, C, T, H, W).
         on_update: called after every optimizer update with the step and its logged values.
         metrics_path: where the main process appends each update's logged values (`METRICS_FILE`).
     """
     from tqdm.auto import tqdm
+
+    deepspeed = uses_deepspeed(accelerator)
 
     updates_per_epoch = -(-len(dataloader) // settings.gradient_accumulation_steps)
     num_epochs = -(-max_train_steps // updates_per_epoch)
@@ -258,9 +260,12 @@ def run_training_loop(
                     window.setdefault(name, []).append(value)
                 norms = []
                 if accelerator.sync_gradients and settings.max_grad_norm > 0:
+                    # DeepSpeed's engine has clipped one norm over all parameters (`configure_deepspeed`)
+                    # and returns it; the other engines clip each group here
+                    groups = [[p for params in param_groups for p in params]] if deepspeed else param_groups
                     norms = [
                         accelerator.clip_grad_norm_(params, settings.max_grad_norm) if params else None
-                        for params in param_groups
+                        for params in groups
                     ]
                     norms = [None if n is None else float(full_tensor(n)) for n in norms]
                 skipped = (

@@ -103,6 +103,15 @@ class FlowLossOutput:
     nll: torch.Tensor
     bits_per_dim: torch.Tensor
     output: StarFlowVTransformerOutput
+    # `flow_nll_loss(..., with_denoiser=True)`: the denoiser's prediction and its score target
+    denoiser_prediction: Optional[torch.Tensor] = None
+    denoiser_target: Optional[torch.Tensor] = None
+
+
+def weighted_flow_loss(output: StarFlowVTransformerOutput, weight: Optional[float]) -> torch.Tensor:
+    """The scalar flow loss: the batch mean of the per-sample NLL, times `nll_loss_weight`."""
+    nll = StarFlowVTransformer.nll_per_sample(output)
+    return (nll * weight if weight is not None else nll).mean()
 
 
 def flow_nll_loss(
@@ -111,25 +120,32 @@ def flow_nll_loss(
     encoder_hidden_states: torch.Tensor,
     noise_std: float,
     noise_level_conditioning: bool = True,
+    with_denoiser: bool = False,
 ) -> FlowLossOutput:
     """Run the flow data -> noise on noise-augmented latents and return its training loss.
 
     Args:
-        model: a `StarFlowVTransformer` or a `StarFlowTrainingModule` (possibly wrapped by DDP/FSDP).
+        model: a `StarFlowVTransformer` or a `StarFlowTrainingModule` (possibly wrapped by DDP/FSDP/DeepSpeed).
         noisy_latents: (B, C, T, H, W) from `add_training_noise`; make it require grad first when the
             denoiser is trained, so that its `.grad` after backward gives the score target.
         encoder_hidden_states: (B, L, D) text embeddings of the templated captions.
         noise_level_conditioning: the model was trained with the noise level in its prompt (the released
             STARFlow-V models): the loss is weighted by sigma / 0.3 as in the original training.
+        with_denoiser: a `StarFlowTrainingModule` also returns the denoiser's prediction and its score target,
+            taken inside the same forward (see its docstring); `noisy_latents` must require grad.
     """
-    output = model(noisy_latents, encoder_hidden_states)
-    if isinstance(output, tuple):
-        output = StarFlowVTransformerOutput(*output)
-    nll = StarFlowVTransformer.nll_per_sample(output)
     weight = nll_loss_weight(noise_std, noise_level_conditioning)
-    loss = (nll * weight if weight is not None else nll).mean()
+    extra = dict(score_matching_noise_std=noise_std, flow_loss_weight=weight) if with_denoiser else {}
+    output = model(noisy_latents, encoder_hidden_states, **extra)
+    prediction = target = None
+    if with_denoiser:
+        *output, prediction, target = output
+    if isinstance(output, (tuple, list)):
+        output = StarFlowVTransformerOutput(*output)
+    loss = weighted_flow_loss(output, weight)
+    nll = StarFlowVTransformer.nll_per_sample(output).detach()
     bits = StarFlowVTransformer.bits_per_dim(output).detach()
-    return FlowLossOutput(loss=loss, nll=nll.detach(), bits_per_dim=bits, output=output)
+    return FlowLossOutput(loss, nll, bits, output, prediction, target)
 
 
 def flow_score_target(input_grad: torch.Tensor, noise_std: float, grad_scale: float = 1.0) -> torch.Tensor:
@@ -152,7 +168,14 @@ def denoiser_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 class StarFlowTrainingModule(nn.Module):
     """Routes the flow (`denoise=False`: the (sample, logdet, block_logdets) tuple) and the learned denoiser
-    (`denoise=True`: its prediction) through one `forward`."""
+    (`denoise=True`: its prediction) through one `forward`.
+
+    With `score_matching_noise_std`, one call does both: the flow tuple, then the denoiser's prediction at the
+    detached input and its flow-score target. The target needs the gradient of the flow loss (weighted by
+    `flow_loss_weight`) at the input, which is taken here, inside `forward`. Engines that hook the outputs of
+    a forward for their own backward bookkeeping (DeepSpeed's: loss scaling, gradient reduction) then see
+    only the real backward, and the step has one forward and one backward.
+    """
 
     # FSDP wraps each transformer layer as its own unit (accelerate reads this from the prepared module)
     _no_split_modules = StarFlowVTransformer._no_split_modules
@@ -162,12 +185,26 @@ class StarFlowTrainingModule(nn.Module):
         self.transformer = transformer
 
     def forward(
-        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, denoise: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        denoise: bool = False,
+        score_matching_noise_std: Optional[float] = None,
+        flow_loss_weight: Optional[float] = None,
     ):
         if denoise:
             return self.transformer.denoise(hidden_states, encoder_hidden_states)
         # a tuple: wrappers that post-process outputs (accelerate's fp32 conversion) rebuild it positionally
-        return self.transformer(hidden_states, encoder_hidden_states, return_dict=False)
+        output = self.transformer(hidden_states, encoder_hidden_states, return_dict=False)
+        if score_matching_noise_std is None:
+            return output
+        if not hidden_states.requires_grad:
+            raise ValueError("`hidden_states` must require grad for the denoiser's score target.")
+        loss = weighted_flow_loss(StarFlowVTransformerOutput(*output), flow_loss_weight)
+        (input_grad,) = torch.autograd.grad(loss, hidden_states, retain_graph=True)
+        target = flow_score_target(input_grad, score_matching_noise_std)
+        prediction = self.transformer.denoise(hidden_states.detach(), encoder_hidden_states)
+        return (*output, prediction, target)
 
 
 def _device_of(generator: Optional[torch.Generator]) -> Optional[torch.device]:

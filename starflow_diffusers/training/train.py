@@ -579,12 +579,21 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         import diffusers
         import transformers
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, gather_object, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
         from diffusers.utils import export_to_video
 
         from ..models.transformer_starflow_v import StarFlowVTransformer
         from .data import EpochShuffleSampler, VideoCaptionDataset, cache_dataset, collate_clips
-        from .distributed import check_fsdp_version, fsdp_version, is_sharded, main_process_pipeline, trainable_parameter_groups
+        from .distributed import (
+            check_fsdp_version,
+            configure_deepspeed,
+            fsdp_version,
+            main_process_pipeline,
+            restores_model_itself,
+            trainable_parameter_groups,
+            uses_deepspeed,
+            whole_weights_loading,
+        )
         from .loop import METRICS_FILE, FlowStepSettings, latent_encoder, latent_model_inputs, remove_incomplete_checkpoints, resume_from_checkpoint as resume, run_training_loop, save_checkpoint
         from .objective import StarFlowTrainingModule
 
@@ -609,18 +618,19 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         diffusers.utils.logging.set_verbosity_error()
     device = accelerator.device
     check_fsdp_version(fsdp_version(accelerator))
-    sharded = is_sharded(accelerator)
+    configure_deepspeed(accelerator, training["max_grad_norm"], training["train_denoiser"])
     set_seed(training["seed"])
 
     # ---- model and data ------------------------------------------------------------------------------------
     finetuning = "pretrained_model_name_or_path" in config
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and training["skip_large_gradients_after"] is not None:
+    if uses_deepspeed(accelerator) and training["skip_large_gradients_after"] is not None:
         raise ValueError(
             "`training.skip_large_gradients_after` cannot work under DeepSpeed (its engine clips and steps inside "
             "backward): set it to null."
         )
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    pipe = build_pipeline(config)
+    with whole_weights_loading(accelerator):
+        pipe = build_pipeline(config)
     pipe.set_progress_bar_config(disable=True)
     transformer = pipe.transformer
     pipe.to(device)
@@ -671,7 +681,7 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
     flow_params, denoiser_params = trainable_parameter_groups(transformer)  # FSDP2 replaced them by shards
 
     # checkpoints hold the transformer as a diffusers model folder (loadable on its own) plus accelerate's
-    # states; under FSDP2 accelerate also writes every process's shards, which it reloads itself
+    # states; under FSDP2 and DeepSpeed accelerate also writes the module's own state, which it reloads itself
     def save_model_hook(models, weights, checkpoint_dir):
         for _ in range(len(weights)):
             weights.pop()
@@ -680,7 +690,7 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
             saved.transformer.save_pretrained(os.path.join(checkpoint_dir, "transformer"), safe_serialization=True)
 
     def load_model_hook(models, checkpoint_dir):
-        if sharded:
+        if restores_model_itself(accelerator):
             return
         models.clear()
         saved = StarFlowVTransformer.from_pretrained(os.path.join(checkpoint_dir, "transformer"))
@@ -743,7 +753,7 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         train_denoiser=training["train_denoiser"],
         gradient_accumulation_steps=training["gradient_accumulation_steps"],
         max_grad_norm=training["max_grad_norm"],
-        single_backward=accelerator.distributed_type == DistributedType.DEEPSPEED,
+        single_backward=uses_deepspeed(accelerator),
         skip_large_gradients_after=training["skip_large_gradients_after"],
     )
     run_training_loop(

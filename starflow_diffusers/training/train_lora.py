@@ -247,7 +247,7 @@ def train(args: argparse.Namespace) -> str:
         import diffusers
         import transformers
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, gather_object
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import cast_training_params
         from diffusers.utils import export_to_video
@@ -258,11 +258,15 @@ def train(args: argparse.Namespace) -> str:
         from .data import EpochShuffleSampler, VideoCaptionDataset, cache_dataset, collate_clips
         from .distributed import (
             check_fsdp_version,
+            configure_deepspeed,
             fsdp_version,
             gather_tensors,
-            is_sharded,
+            gathered,
             main_process_pipeline,
+            restores_model_itself,
             trainable_parameter_groups,
+            uses_deepspeed,
+            whole_weights_loading,
         )
         from .loop import (
             METRICS_FILE,
@@ -299,10 +303,11 @@ def train(args: argparse.Namespace) -> str:
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     check_fsdp_version(fsdp_version(accelerator))
-    sharded = is_sharded(accelerator)
+    configure_deepspeed(accelerator, args.max_grad_norm, args.train_denoiser)
 
     # ---- model -------------------------------------------------------------------------------------------
-    pipe = StarFlowVPipeline.from_pretrained(args.pretrained_model_name_or_path)
+    with whole_weights_loading(accelerator):
+        pipe = StarFlowVPipeline.from_pretrained(args.pretrained_model_name_or_path)
     pipe.set_progress_bar_config(disable=True)
     transformer, vae, text_encoder = pipe.transformer, pipe.vae, pipe.text_encoder
     if not transformer.config.is_video:
@@ -366,8 +371,9 @@ def train(args: argparse.Namespace) -> str:
     flow_params, denoiser_params = trainable_parameter_groups(transformer)  # FSDP2 replaced them by shards
 
     def lora_state() -> Dict[str, torch.Tensor]:
-        """The LoRA's whole tensors (collective under FSDP2, where each process holds shards)."""
-        return gather_tensors(get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME))
+        """The LoRA's whole tensors (collective when sharded: FSDP2 shards, ZeRO-3 partitions)."""
+        with gathered(accelerator, [p for p in transformer.parameters() if p.requires_grad]):
+            return gather_tensors(get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME))
 
     def save_lora(directory: str) -> str:
         StarFlowVPipeline.save_lora_weights(
@@ -376,15 +382,15 @@ def train(args: argparse.Namespace) -> str:
         )
         return os.path.join(directory, "pytorch_lora_weights.safetensors")
 
-    # accelerate checkpoints hold the LoRA in the diffusers format and, without FSDP, not the frozen weights;
-    # under FSDP2 accelerate also writes every process's shards of the whole module, which it reloads itself
+    # accelerate checkpoints hold the LoRA in the diffusers format and, without FSDP or DeepSpeed, not the frozen
+    # weights; under those accelerate also writes the whole module's own state, which it reloads itself
     def save_model_hook(models, weights, output_dir):
         for _ in range(len(weights)):
             weights.pop()
         save_lora(output_dir)
 
     def load_model_hook(models, input_dir):
-        if sharded:
+        if restores_model_itself(accelerator):
             return
         models.clear()
         state = StarFlowVPipeline.lora_state_dict(input_dir)
@@ -449,7 +455,7 @@ def train(args: argparse.Namespace) -> str:
         train_denoiser=args.train_denoiser,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm,
-        single_backward=accelerator.distributed_type == DistributedType.DEEPSPEED,
+        single_backward=uses_deepspeed(accelerator),
     )
     transformer.train()
     global_step = run_training_loop(

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from starflow_diffusers import StarFlowVPipeline
-from starflow_diffusers.training.distributed import DEEPSPEED_ZERO3_DENOISER, configure_deepspeed
+from starflow_diffusers.training.distributed import configure_deepspeed
 from test_distributed_training import _assert_equal_tensors, _assert_same_curves, _lora_args, _losses
 
 
@@ -40,24 +40,21 @@ def _deepspeed_accelerator(zero_stage, **config):
 def test_deepspeed_clips_at_the_trainers_max_grad_norm_or_refuses_another_value():
     for config in ({}, {"gradient_clipping": "auto"}):
         accelerator = _deepspeed_accelerator(2, **config)
-        configure_deepspeed(accelerator, 0.5, train_denoiser=True)
+        configure_deepspeed(accelerator, 0.5)
         assert accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] == 0.5
-    configure_deepspeed(_deepspeed_accelerator(2, gradient_clipping=0.5), 0.5, train_denoiser=False)
+    configure_deepspeed(_deepspeed_accelerator(2, gradient_clipping=0.5), 0.5)
     with pytest.raises(ValueError, match=r"`gradient_clipping` \(1.0\) differs from `max_grad_norm` \(0.5\)"):
-        configure_deepspeed(_deepspeed_accelerator(2, gradient_clipping=1.0), 0.5, train_denoiser=False)
+        configure_deepspeed(_deepspeed_accelerator(2, gradient_clipping=1.0), 0.5)
 
 
-def test_zero3_gathers_whole_weights_for_saving_and_refuses_the_denoiser():
+def test_zero3_gathers_whole_weights_for_saving():
     accelerator = _deepspeed_accelerator(3, zero_optimization={"stage": 3})
-    configure_deepspeed(accelerator, 1.0, train_denoiser=False)
+    configure_deepspeed(accelerator, 1.0)
     assert accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"][
         "stage3_gather_16bit_weights_on_model_save"] is True
     with pytest.raises(ValueError, match="stage3_gather_16bit_weights_on_model_save: true"):
         configure_deepspeed(_deepspeed_accelerator(
-            3, zero_optimization={"stage3_gather_16bit_weights_on_model_save": False}), 1.0, train_denoiser=False)
-    with pytest.raises(ValueError, match="ZeRO-3") as error:
-        configure_deepspeed(_deepspeed_accelerator(3), 1.0, train_denoiser=True)
-    assert str(error.value) == DEEPSPEED_ZERO3_DENOISER and "ZeRO-2 or FSDP2" in DEEPSPEED_ZERO3_DENOISER
+            3, zero_optimization={"stage3_gather_16bit_weights_on_model_save": False}), 1.0)
 
 
 def test_the_one_step_training_module_needs_an_input_that_requires_grad():
@@ -113,19 +110,18 @@ def _weights(folder):
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_deepspeed_full_training_matches_one_process_and_resumes_exactly(tmp_path, zero_stage):
-    """ZeRO-2 with the denoiser trained (one forward and one backward per micro-batch); ZeRO-3 without it,
-    with validation and checkpoints on gathered weights."""
+    """With the denoiser trained (one forward and one backward per micro-batch; under ZeRO-3 its score from a
+    flow pass of its own), validation and checkpoints on gathered weights."""
     pytest.importorskip("deepspeed")
     from starflow_diffusers.training.train import main
 
     module = "starflow_diffusers.training.train"
-    settings = dict(max_grad_norm=NO_CLIPPING, learning_rate=1e-3, lr_warmup_steps=0, train_denoiser=zero_stage == 2)
+    settings = dict(max_grad_norm=NO_CLIPPING, learning_rate=1e-3, lr_warmup_steps=0, train_denoiser=True)
     single, sharded, resumed = tmp_path / "single", tmp_path / "sharded", tmp_path / "resumed"
     main(["--config", _full_config(tmp_path, 4, **settings), "--output_dir", str(single)])
     config = _full_config(tmp_path, 2, validation_prompts=["a red circle moving left"], validation_steps=4, **settings)
     _launch_deepspeed(module, ["--config", config, "--output_dir", str(sharded)], tmp_path, zero_stage)
-    names = ("loss", "bits_per_dim") + (("denoiser_loss",) if zero_stage == 2 else ())
-    _assert_same_curves(_losses(single), _losses(sharded), names)
+    _assert_same_curves(_losses(single), _losses(sharded), ("loss", "bits_per_dim", "denoiser_loss"))
     _assert_equal_tensors(_weights(single), _weights(sharded), atol=1e-5)
     assert os.listdir(sharded / "validation") == ["step-000004-0.mp4"]
     # the checkpoint's transformer folder holds whole weights, not ZeRO-3's empty partitions
@@ -144,25 +140,22 @@ def test_deepspeed_full_training_matches_one_process_and_resumes_exactly(tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_deepspeed_lora_matches_one_process(lora_setup, tmp_path, zero_stage):
-    """ZeRO-2 with the denoiser's LoRA trained too; ZeRO-3 without it, validating on gathered weights."""
+    """The denoiser's LoRA trained too, validating on gathered weights."""
     pytest.importorskip("deepspeed")
     from starflow_diffusers.training.train_lora import parse_args, train
 
     model_dir, data_dir = lora_setup
-    denoiser = ("--train_denoiser",) if zero_stage == 2 else ()
 
     def arguments(output_dir, batch_size, *extra):
         args = _lora_args(model_dir, data_dir, output_dir, batch_size, "--checkpointing_steps", "100", *extra)
-        args = [a for a in args if a != "--train_denoiser"] + list(denoiser)
         return [str(NO_CLIPPING) if previous == "--max_grad_norm" else a for previous, a in zip([None] + args, args)]
 
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     train(parse_args(arguments(single, 4)))
     _launch_deepspeed("starflow_diffusers.training.train_lora", arguments(
         sharded, 2, "--validation_prompt", "a red circle moving left", "--validation_steps", "4"), tmp_path, zero_stage)
-    names = ("loss", "bits_per_dim") + (("denoiser_loss",) if denoiser else ())
-    _assert_same_curves(_losses(single), _losses(sharded), names)
+    _assert_same_curves(_losses(single), _losses(sharded), ("loss", "bits_per_dim", "denoiser_loss"))
     lora = StarFlowVPipeline.lora_state_dict(str(sharded))
-    assert any(k.startswith("transformer.denoiser.") for k in lora) == bool(denoiser)
+    assert any(k.startswith("transformer.denoiser.") for k in lora)
     _assert_equal_tensors(StarFlowVPipeline.lora_state_dict(str(single)), lora, atol=1e-6)
     assert os.listdir(sharded / "validation") == ["step-000004.mp4"]

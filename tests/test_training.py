@@ -99,9 +99,11 @@ class _CountingAccelerator:
         loss.backward()
 
 
-def test_a_single_backward_gives_the_same_gradients_in_one_call():
+@pytest.mark.parametrize("separate_score_pass", [False, True])
+def test_a_single_backward_gives_the_same_gradients_in_one_call(separate_score_pass):
     """DeepSpeed steps at every boundary backward: with the denoiser trained, `single_backward` makes one
-    backward per micro-batch, with the same gradients as the flow's and the denoiser's separate ones."""
+    backward per micro-batch, with the same gradients as the flow's and the denoiser's separate ones, whether
+    the score comes through the step's graph or from a pass of its own (ZeRO-3)."""
     from starflow_diffusers.testing_utils import tiny_pipeline
     from starflow_diffusers.training.loop import FlowStepSettings, train_micro_batch
 
@@ -114,7 +116,7 @@ def test_a_single_backward_gives_the_same_gradients_in_one_call():
         accelerator = _CountingAccelerator()
         settings = FlowStepSettings(
             noise_std=pipe.transformer.config.noise_std, noise_level_conditioning=True, fps=16, aspect_ratio="1:1",
-            train_denoiser=True, single_backward=single,
+            train_denoiser=True, single_backward=single, separate_score_pass=single and separate_score_pass,
         )
         metrics = train_micro_batch(
             accelerator, module, pipe, latents, ["a red circle", "a dog"], settings,

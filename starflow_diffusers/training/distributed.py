@@ -44,29 +44,18 @@ def uses_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-DEEPSPEED_ZERO3_DENOISER = (
-    "Training the learned denoiser is not supported under DeepSpeed ZeRO-3: its flow-score target is the flow "
-    "loss's gradient at the input, taken through the same graph before the step's backward, and ZeRO-3 "
-    "releases each layer's gathered weights after the first pass through it. Use ZeRO-2 or FSDP2, or turn "
-    "denoiser training off."
-)
-
-
-def configure_deepspeed(accelerator, max_grad_norm: float, train_denoiser: bool) -> None:
+def configure_deepspeed(accelerator, max_grad_norm: float) -> None:
     """Under DeepSpeed, check and complete its config before any weight is loaded.
 
     The engine clips (one norm over all parameters) with its config's `gradient_clipping`, which accelerate
     sets to 1.0 when it is "auto". So "auto" (or no value) becomes `max_grad_norm`, and a value that differs
     from it is refused, naming both: the trainer's setting would otherwise be ignored. Under ZeRO-3, the
-    gathering of whole weights for saving is turned on, and training the denoiser is refused
-    (`DEEPSPEED_ZERO3_DENOISER`)."""
+    gathering of whole weights for saving is turned on."""
     if not uses_deepspeed(accelerator):
         return
     plugin = accelerator.state.deepspeed_plugin
     config = plugin.deepspeed_config
     if plugin.zero_stage == 3:
-        if train_denoiser:
-            raise ValueError(DEEPSPEED_ZERO3_DENOISER)
         # checkpoints, validation and the saved pipeline read whole weights
         zero = config.setdefault("zero_optimization", {})
         if zero.get("stage3_gather_16bit_weights_on_model_save") is False:

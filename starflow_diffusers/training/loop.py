@@ -61,6 +61,8 @@ class FlowStepSettings:
             accumulation boundary (two backward calls would make two optimizer steps per update), and it hooks
             each forward's outputs (a gradient taken through them would run its reduction). It costs one more
             backward through the flow; the trainers turn it on under DeepSpeed only.
+        separate_score_pass (`bool`): with `single_backward`, the score comes from a flow pass of its own
+            (about a third more flow compute); DeepSpeed ZeRO-3 needs it (`StarFlowTrainingModule`).
     """
 
     noise_std: float
@@ -73,6 +75,7 @@ class FlowStepSettings:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     single_backward: bool = False
+    separate_score_pass: bool = False
     skip_large_gradients_after: Optional[int] = None
 
 
@@ -179,7 +182,7 @@ def train_micro_batch(
     with accelerator.autocast():
         flow = flow_nll_loss(
             training_module, noisy, prompt_embeds, settings.noise_std, settings.noise_level_conditioning,
-            with_denoiser=one_step,
+            with_denoiser=one_step, separate_score_pass=settings.separate_score_pass,
         )
     metrics = {"loss": flow.loss.detach(), "bits_per_dim": flow.bits_per_dim.mean()}
     if one_step:

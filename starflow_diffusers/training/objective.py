@@ -121,6 +121,7 @@ def flow_nll_loss(
     noise_std: float,
     noise_level_conditioning: bool = True,
     with_denoiser: bool = False,
+    separate_score_pass: bool = False,
 ) -> FlowLossOutput:
     """Run the flow data -> noise on noise-augmented latents and return its training loss.
 
@@ -133,9 +134,12 @@ def flow_nll_loss(
             STARFlow-V models): the loss is weighted by sigma / 0.3 as in the original training.
         with_denoiser: a `StarFlowTrainingModule` also returns the denoiser's prediction and its score target,
             taken inside the same forward (see its docstring); `noisy_latents` must require grad.
+        separate_score_pass: with `with_denoiser`, take the score from a flow pass of its own (DeepSpeed ZeRO-3).
     """
     weight = nll_loss_weight(noise_std, noise_level_conditioning)
-    extra = dict(score_matching_noise_std=noise_std, flow_loss_weight=weight) if with_denoiser else {}
+    extra = dict(
+        score_matching_noise_std=noise_std, flow_loss_weight=weight, separate_score_pass=separate_score_pass
+    ) if with_denoiser else {}
     output = model(noisy_latents, encoder_hidden_states, **extra)
     prediction = target = None
     if with_denoiser:
@@ -175,6 +179,10 @@ class StarFlowTrainingModule(nn.Module):
     `flow_loss_weight`) at the input, which is taken here, inside `forward`. Engines that hook the outputs of
     a forward for their own backward bookkeeping (DeepSpeed's: loss scaling, gradient reduction) then see
     only the real backward, and the step has one forward and one backward.
+
+    The gradient is taken through the step's own graph, kept for its backward. With `separate_score_pass` it
+    comes from a flow pass of its own instead, about a third more flow compute: DeepSpeed ZeRO-3 releases
+    each layer's gathered weights after a first backward pass through it, so its graph cannot be run twice.
     """
 
     # FSDP wraps each transformer layer as its own unit (accelerate reads this from the prepared module)
@@ -191,6 +199,7 @@ class StarFlowTrainingModule(nn.Module):
         denoise: bool = False,
         score_matching_noise_std: Optional[float] = None,
         flow_loss_weight: Optional[float] = None,
+        separate_score_pass: bool = False,
     ):
         if denoise:
             return self.transformer.denoise(hidden_states, encoder_hidden_states)
@@ -200,8 +209,14 @@ class StarFlowTrainingModule(nn.Module):
             return output
         if not hidden_states.requires_grad:
             raise ValueError("`hidden_states` must require grad for the denoiser's score target.")
-        loss = weighted_flow_loss(StarFlowVTransformerOutput(*output), flow_loss_weight)
-        (input_grad,) = torch.autograd.grad(loss, hidden_states, retain_graph=True)
+        if separate_score_pass:
+            probe = hidden_states.detach().requires_grad_(True)
+            probe_output = self.transformer(probe, encoder_hidden_states, return_dict=False)
+            loss = weighted_flow_loss(StarFlowVTransformerOutput(*probe_output), flow_loss_weight)
+            (input_grad,) = torch.autograd.grad(loss, probe)
+        else:
+            loss = weighted_flow_loss(StarFlowVTransformerOutput(*output), flow_loss_weight)
+            (input_grad,) = torch.autograd.grad(loss, hidden_states, retain_graph=True)
         target = flow_score_target(input_grad, score_matching_noise_std)
         prediction = self.transformer.denoise(hidden_states.detach(), encoder_hidden_states)
         return (*output, prediction, target)

@@ -593,6 +593,7 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
             trainable_parameter_groups,
             uses_deepspeed,
             whole_weights_loading,
+            zero_stage,
         )
         from .loop import METRICS_FILE, FlowStepSettings, latent_encoder, latent_model_inputs, remove_incomplete_checkpoints, resume_from_checkpoint as resume, run_training_loop, save_checkpoint
         from .objective import StarFlowTrainingModule
@@ -618,7 +619,7 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         diffusers.utils.logging.set_verbosity_error()
     device = accelerator.device
     check_fsdp_version(fsdp_version(accelerator))
-    configure_deepspeed(accelerator, training["max_grad_norm"], training["train_denoiser"])
+    configure_deepspeed(accelerator, training["max_grad_norm"])
     set_seed(training["seed"])
 
     # ---- model and data ------------------------------------------------------------------------------------
@@ -754,6 +755,7 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         gradient_accumulation_steps=training["gradient_accumulation_steps"],
         max_grad_norm=training["max_grad_norm"],
         single_backward=uses_deepspeed(accelerator),
+        separate_score_pass=zero_stage(accelerator) == 3,
         skip_large_gradients_after=training["skip_large_gradients_after"],
     )
     run_training_loop(

@@ -267,6 +267,7 @@ def train(args: argparse.Namespace) -> str:
             trainable_parameter_groups,
             uses_deepspeed,
             whole_weights_loading,
+            zero_stage,
         )
         from .loop import (
             METRICS_FILE,
@@ -303,7 +304,7 @@ def train(args: argparse.Namespace) -> str:
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     check_fsdp_version(fsdp_version(accelerator))
-    configure_deepspeed(accelerator, args.max_grad_norm, args.train_denoiser)
+    configure_deepspeed(accelerator, args.max_grad_norm)
 
     # ---- model -------------------------------------------------------------------------------------------
     with whole_weights_loading(accelerator):
@@ -456,6 +457,7 @@ def train(args: argparse.Namespace) -> str:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm,
         single_backward=uses_deepspeed(accelerator),
+        separate_score_pass=zero_stage(accelerator) == 3,
     )
     transformer.train()
     global_step = run_training_loop(

@@ -119,11 +119,7 @@ class OraclePipeline(StarFlowVPipeline):
                                     prepend_sos=prepend_sos)
             return guidance.combine(params)
 
-        if chunk.warm_start_offset:  # the same start as `adaptive`
-            offset = chunk.warm_start_offset
-            for first in range(chunk.start, chunk.end, offset):
-                last = min(first + offset, chunk.end)
-                state[:, first:last] = state[:, first - offset : last - offset]
+        scheduler.warm_start(state, chunk)  # the same start as `adaptive`
         base = cache.length
         exact = state.clone()
         for token in range(chunk.start, chunk.end):

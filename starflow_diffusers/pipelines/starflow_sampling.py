@@ -499,11 +499,7 @@ class StarFlowSamplingMixin:
         cache entries are what it would get alone."""
         scheduler = self.scheduler
         dtype = self.compute_dtype
-        if chunk.warm_start_offset:
-            offset = chunk.warm_start_offset
-            for first in range(chunk.start, chunk.end, offset):
-                last = min(first + offset, chunk.end)
-                state[:, first:last] = state[:, first - offset : last - offset]
+        scheduler.warm_start(state, chunk)
         batch = state.shape[0]
         frontiers = [chunk.start] * batch  # on the host: the step returns them with its one sync
         evaluations = torch.zeros(state.shape[:2], dtype=torch.int32, device=state.device)

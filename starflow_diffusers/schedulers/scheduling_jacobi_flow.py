@@ -284,6 +284,17 @@ class JacobiFlowScheduler(SchedulerMixin, ConfigMixin):
         return text_length + frames * tokens_per_frame
 
     @staticmethod
+    def warm_start(sample: torch.Tensor, chunk: FlowChunk) -> None:
+        """`mode="adaptive"`: start the chunk's tokens from the values `warm_start_offset` tokens earlier (the
+        previous frame, frame by frame), in place; nothing without a warm start."""
+        offset = chunk.warm_start_offset
+        if not offset:
+            return
+        for first in range(chunk.start, chunk.end, offset):
+            last = min(first + offset, chunk.end)
+            sample[:, first:last] = sample[:, first - offset : last - offset]
+
+    @staticmethod
     def chunk_inputs(sample: torch.Tensor, chunk: FlowChunk, iteration: int) -> Tuple[torch.Tensor, bool]:
         """Network inputs of a chunk: token j is predicted from token j - 1. Returns the tokens and whether
         the block must put its SOS vector in front of them (the chunk starts the sequence)."""

@@ -100,6 +100,13 @@ def zero_stage(accelerator) -> Optional[int]:
     return accelerator.state.deepspeed_plugin.zero_stage if uses_deepspeed(accelerator) else None
 
 
+def deepspeed_step_settings(accelerator) -> Dict[str, bool]:
+    """The `FlowStepSettings` fields the engine decides: under DeepSpeed one backward per micro-batch
+    (`single_backward`), and under ZeRO-3 the denoiser's score from a flow pass of its own
+    (`separate_score_pass`)."""
+    return {"single_backward": uses_deepspeed(accelerator), "separate_score_pass": zero_stage(accelerator) == 3}
+
+
 def is_sharded(accelerator) -> bool:
     """Whether each process holds only part of every parameter: FSDP2, or DeepSpeed ZeRO-3."""
     return fsdp_version(accelerator) == 2 or zero_stage(accelerator) == 3

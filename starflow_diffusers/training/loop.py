@@ -62,7 +62,7 @@ class FlowStepSettings:
             each forward's outputs (a gradient taken through them would run its reduction). It costs one more
             backward through the flow; the trainers turn it on under DeepSpeed only.
         separate_score_pass (`bool`): with `single_backward`, the score comes from a flow pass of its own
-            (about a third more flow compute); DeepSpeed ZeRO-3 needs it (`StarFlowTrainingModule`).
+            (one more flow forward per step); DeepSpeed ZeRO-3 needs it (`StarFlowTrainingModule`).
     """
 
     noise_std: float

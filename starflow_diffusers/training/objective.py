@@ -108,9 +108,8 @@ class FlowLossOutput:
     denoiser_target: Optional[torch.Tensor] = None
 
 
-def weighted_flow_loss(output: StarFlowVTransformerOutput, weight: Optional[float]) -> torch.Tensor:
-    """The scalar flow loss: the batch mean of the per-sample NLL, times `nll_loss_weight`."""
-    nll = StarFlowVTransformer.nll_per_sample(output)
+def weighted_flow_loss(nll: torch.Tensor, weight: Optional[float]) -> torch.Tensor:
+    """The scalar flow loss: the batch mean of the per-sample NLL (`nll_per_sample`), times `nll_loss_weight`."""
     return (nll * weight if weight is not None else nll).mean()
 
 
@@ -146,8 +145,9 @@ def flow_nll_loss(
         *output, prediction, target = output
     if isinstance(output, (tuple, list)):
         output = StarFlowVTransformerOutput(*output)
-    loss = weighted_flow_loss(output, weight)
-    nll = StarFlowVTransformer.nll_per_sample(output).detach()
+    nll = StarFlowVTransformer.nll_per_sample(output)
+    loss = weighted_flow_loss(nll, weight)
+    nll = nll.detach()
     bits = StarFlowVTransformer.bits_per_dim(output).detach()
     return FlowLossOutput(loss, nll, bits, output, prediction, target)
 
@@ -181,7 +181,7 @@ class StarFlowTrainingModule(nn.Module):
     only the real backward, and the step has one forward and one backward.
 
     The gradient is taken through the step's own graph, kept for its backward. With `separate_score_pass` it
-    comes from a flow pass of its own instead, about a third more flow compute: DeepSpeed ZeRO-3 releases
+    comes from a flow pass of its own instead (one more flow forward per step): DeepSpeed ZeRO-3 releases
     each layer's gathered weights after a first backward pass through it, so its graph cannot be run twice.
     """
 
@@ -212,10 +212,12 @@ class StarFlowTrainingModule(nn.Module):
         if separate_score_pass:
             probe = hidden_states.detach().requires_grad_(True)
             probe_output = self.transformer(probe, encoder_hidden_states, return_dict=False)
-            loss = weighted_flow_loss(StarFlowVTransformerOutput(*probe_output), flow_loss_weight)
+            nll = StarFlowVTransformer.nll_per_sample(StarFlowVTransformerOutput(*probe_output))
+            loss = weighted_flow_loss(nll, flow_loss_weight)
             (input_grad,) = torch.autograd.grad(loss, probe)
         else:
-            loss = weighted_flow_loss(StarFlowVTransformerOutput(*output), flow_loss_weight)
+            nll = StarFlowVTransformer.nll_per_sample(StarFlowVTransformerOutput(*output))
+            loss = weighted_flow_loss(nll, flow_loss_weight)
             (input_grad,) = torch.autograd.grad(loss, hidden_states, retain_graph=True)
         target = flow_score_target(input_grad, score_matching_noise_std)
         prediction = self.transformer.denoise(hidden_states.detach(), encoder_hidden_states)

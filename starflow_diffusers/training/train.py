@@ -587,13 +587,13 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         from .distributed import (
             check_fsdp_version,
             configure_deepspeed,
+            deepspeed_step_settings,
             fsdp_version,
             main_process_pipeline,
             restores_model_itself,
             trainable_parameter_groups,
             uses_deepspeed,
             whole_weights_loading,
-            zero_stage,
         )
         from .loop import METRICS_FILE, FlowStepSettings, latent_encoder, latent_model_inputs, remove_incomplete_checkpoints, resume_from_checkpoint as resume, run_training_loop, save_checkpoint
         from .objective import StarFlowTrainingModule
@@ -686,7 +686,7 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
     def save_model_hook(models, weights, checkpoint_dir):
         for _ in range(len(weights)):
             weights.pop()
-        saved = main_process_pipeline(accelerator, training_module, pipe)  # on the CPU under FSDP2
+        saved = main_process_pipeline(accelerator, training_module, pipe)  # on the CPU when sharded
         if accelerator.is_main_process:
             saved.transformer.save_pretrained(os.path.join(checkpoint_dir, "transformer"), safe_serialization=True)
 
@@ -754,8 +754,7 @@ def train(config: Dict[str, Any], output_dir: str, resume_from_checkpoint: Optio
         train_denoiser=training["train_denoiser"],
         gradient_accumulation_steps=training["gradient_accumulation_steps"],
         max_grad_norm=training["max_grad_norm"],
-        single_backward=uses_deepspeed(accelerator),
-        separate_score_pass=zero_stage(accelerator) == 3,
+        **deepspeed_step_settings(accelerator),
         skip_large_gradients_after=training["skip_large_gradients_after"],
     )
     run_training_loop(

@@ -259,15 +259,14 @@ def train(args: argparse.Namespace) -> str:
         from .distributed import (
             check_fsdp_version,
             configure_deepspeed,
+            deepspeed_step_settings,
             fsdp_version,
             gather_tensors,
             gathered,
             main_process_pipeline,
             restores_model_itself,
             trainable_parameter_groups,
-            uses_deepspeed,
             whole_weights_loading,
-            zero_stage,
         )
         from .loop import (
             METRICS_FILE,
@@ -456,8 +455,7 @@ def train(args: argparse.Namespace) -> str:
         train_denoiser=args.train_denoiser,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm,
-        single_backward=uses_deepspeed(accelerator),
-        separate_score_pass=zero_stage(accelerator) == 3,
+        **deepspeed_step_settings(accelerator),
     )
     transformer.train()
     global_step = run_training_loop(
